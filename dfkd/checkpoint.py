@@ -1,0 +1,119 @@
+"""Atomic file writes and safe checkpoints.
+
+A checkpoint is a dict of tensors and plain values (the architecture config, metadata), written with
+`torch.save` and read back with `torch.load(weights_only=True)`: loading never unpickles code.
+"""
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dfkd.models import ArchitectureConfig, LeNet5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted or of the wrong kind; the message names the file."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+
+    The rename is atomic on POSIX, so readers (DVC, the next stage) see the old file or the whole new
+    one, never half a file, even if the process is killed midway.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
+    """Load a checkpoint written by this package and check that it is of the expected `kind`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a damaged file
+        raise CheckpointError(f"{path}: corrupted or not a checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: expected a '{kind}' checkpoint, found '{found}'")
+    return payload
+
+
+def save_classifier(path: str | os.PathLike, model: LeNet5, metadata: dict | None = None) -> None:
+    save_checkpoint(
+        path,
+        {
+            "kind": "classifier",
+            "architecture": model.config.to_dict(),
+            "state_dict": model.state_dict(),
+            "metadata": metadata or {},
+        },
+    )
+
+
+def load_classifier(path: str | os.PathLike) -> LeNet5:
+    payload = load_checkpoint(path, "classifier")
+    try:
+        model = LeNet5(ArchitectureConfig(**payload["architecture"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path}: classifier checkpoint does not match its architecture ({error})") from error
+    return model.eval()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a fixed teacher (its BN layers, if any, keep their statistics)."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class ResumeState:
+    """Periodic training state of a long loop, so a killed stage continues where it stopped.
+
+    The state is keyed by a fingerprint of the run's settings: a file left by a run with other
+    settings is ignored rather than resumed into the wrong run.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, every: int):
+        self.path = Path(path)
+        self.fingerprint = repr(sorted(fingerprint.items()))
+        self.every = every
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            payload = load_checkpoint(self.path, "resume")
+        except CheckpointError:
+            return None  # an unreadable resume file only costs the work it held
+        return payload["state"] if payload.get("fingerprint") == self.fingerprint else None
+
+    def maybe_save(self, step: int, state_fn) -> None:
+        """Save `state_fn()` every `every` steps (built lazily: state dicts are copied to save)."""
+        if self.every and step % self.every == 0:
+            save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state_fn()})
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

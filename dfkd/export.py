@@ -1,0 +1,89 @@
+"""ONNX export of a classifier and the parity check against PyTorch."""
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from dfkd.checkpoint import atomic_path
+from dfkd.data import PIXEL_MEAN, PIXEL_STD
+from dfkd.models import LeNet5
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+class ParityError(RuntimeError):
+    """The ONNX file does not compute what the PyTorch model computes."""
+
+
+def export_onnx(model: LeNet5, path: str | os.PathLike, opset: int, metadata: dict[str, str] | None = None) -> None:
+    """Write `model` as ONNX with a dynamic batch axis, check it with `onnx.checker`, then move it
+    into place. The preprocessing constants travel in the file's metadata, for whoever serves it."""
+    model = model.cpu().eval()
+    config = model.config
+    example = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's chatter about its own internals
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    properties = {
+        "pixel_mean": str(PIXEL_MEAN),
+        "pixel_std": str(PIXEL_STD),
+        "input_size": str(config.image_size),
+        "num_classes": str(config.num_classes),
+        **(metadata or {}),
+    }
+    for key, value in properties.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+    return ort.InferenceSession(str(Path(path)), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: ort.InferenceSession, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    chunks = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].numpy()})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks)
+
+
+def check_parity(model: LeNet5, onnx_path: str | os.PathLike, inputs: torch.Tensor, max_abs_diff: float) -> dict:
+    """Compare PyTorch and onnxruntime logits on `inputs`; raise ParityError past the tolerance or on
+    any differing argmax, else return the figures."""
+    with torch.no_grad():
+        expected = model.cpu().eval()(inputs).numpy()
+    actual = onnx_logits(onnx_session(onnx_path), inputs)
+    report = {
+        "samples": len(inputs),
+        "max_abs_diff": float(np.abs(actual - expected).max()),
+        "argmax_mismatches": int((actual.argmax(1) != expected.argmax(1)).sum()),
+    }
+    if report["max_abs_diff"] > max_abs_diff or report["argmax_mismatches"]:
+        raise ParityError(
+            f"ONNX parity failed on {report['samples']} inputs: max |logit difference| "
+            f"{report['max_abs_diff']:.3g} (limit {max_abs_diff:g}), {report['argmax_mismatches']} argmax mismatches"
+        )
+    return report

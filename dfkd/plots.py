@@ -1,0 +1,68 @@
+"""Figures people look at: image grids by class, training curves, confusion matrices (PNG files)."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dfkd.checkpoint import atomic_path  # noqa: E402
+
+
+def _save(figure: plt.Figure, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def save_class_grid(
+    images: torch.Tensor, predicted: torch.Tensor, num_classes: int, path: str | os.PathLike, per_class: int = 8
+) -> None:
+    """One row per class with up to `per_class` images the teacher assigns to it (blank if none)."""
+    figure, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.8, num_classes * 0.8))
+    for label in range(num_classes):
+        members = images[predicted == label][:per_class]
+        for column in range(per_class):
+            axis = axes[label, column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(members):
+                axis.imshow(members[column, 0].cpu().numpy(), cmap="gray")
+            if column == 0:
+                axis.set_ylabel(f"{label} ({int((predicted == label).sum())})", rotation=0, ha="right", va="center")
+    figure.suptitle("Samples by teacher-predicted class (count in the batch)")
+    _save(figure, path)
+
+
+def save_curves(rows: list[dict[str, float]], path: str | os.PathLike, title: str) -> None:
+    """Every metric of `rows` (dicts with a 'step' key) against the step, one panel each."""
+    names = [name for name in rows[0] if name != "step"]
+    steps = [row["step"] for row in rows]
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        axis.plot(steps, [row[name] for row in rows])
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    _save(figure, path)
+
+
+def save_confusion_matrix(matrix: np.ndarray, path: str | os.PathLike, title: str) -> None:
+    figure, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis)
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            colour = "white" if count > matrix.max() / 2 else "black"
+            axis.text(column, row, int(count), ha="center", va="center", fontsize=7, color=colour)
+    axis.set_xticks(range(len(matrix)))
+    axis.set_yticks(range(len(matrix)))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("actual")
+    axis.set_title(title)
+    _save(figure, path)

@@ -1,0 +1,37 @@
+"""Synthesis methods: each file here turns a fixed teacher into a transfer set, without real data.
+
+The interface is small: a method trains or optimises something from the teacher and returns a
+`TransferSet`, whose `sample(batch_size)` gives images in the teacher's normalised input space.
+Distillation only ever sees a `TransferSet`, so a new method is one new file.
+"""
+
+from typing import Protocol
+
+import torch
+
+
+class TransferSet(Protocol):
+    def sample(self, batch_size: int) -> torch.Tensor: ...
+
+
+class GaussianNoise:
+    """The floor baseline: standard normal noise in the normalised input space."""
+
+    def __init__(self, image_shape: tuple[int, ...], generator: torch.Generator | None = None):
+        self.image_shape = image_shape
+        self.generator = generator
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        return torch.randn(batch_size, *self.image_shape, generator=self.generator)
+
+
+class FixedImages:
+    """A fixed set of images drawn with replacement: the real train split (the ceiling baseline),
+    or a pool drawn once from another transfer set."""
+
+    def __init__(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        self.images = images
+        self.generator = generator
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        return self.images[torch.randint(len(self.images), (batch_size,), generator=self.generator)]

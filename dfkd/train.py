@@ -1,0 +1,109 @@
+"""Supervised training of the teacher: the only place real training data is used."""
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from dfkd.augment import random_shift
+from dfkd.checkpoint import ResumeState
+from dfkd.models import LeNet5
+
+
+class TeacherTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)  # peak of the one-cycle schedule
+    weight_decay: float = Field(1e-4, ge=0)
+    max_shift: float = Field(2.0, ge=0)  # random translation, in pixels, of each training image
+
+
+@torch.no_grad()
+def predict(model: LeNet5, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for `images`, in batches, on `device`; returned on the CPU."""
+    model = model.to(device).eval()
+    return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def train_classifier(
+    model: LeNet5,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    config: TeacherTrainConfig,
+    device: torch.device,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> tuple[LeNet5, dict[str, float]]:
+    """Train with cross-entropy; return the weights of the epoch with the best validation accuracy
+    and that epoch's metrics."""
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(train_images) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
+    best = {"val_accuracy": -1.0}
+    best_state = copy.deepcopy(model.state_dict())
+    start = 0
+    state = resume.load() if resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        best, best_state = state["best"], state["best_state"]
+        torch.set_rng_state(state["rng"])
+        start = state["epoch"]
+
+    progress = tqdm(total=config.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="teacher")
+    for epoch in range(start + 1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_images))
+        total_loss = 0.0
+        for i in range(0, len(order), config.batch_size):
+            batch = order[i : i + config.batch_size]
+            images = random_shift(train_images[batch], config.max_shift).to(device)
+            loss = F.cross_entropy(model(images), train_labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(batch)
+            progress.update()
+
+        metrics = {
+            "train_loss": total_loss / len(train_images),
+            "val_accuracy": accuracy(predict(model, val_images, device), val_labels),
+        }
+        progress.set_postfix(val_accuracy=f"{metrics['val_accuracy']:.4f}")
+        if metrics["val_accuracy"] > best["val_accuracy"]:
+            best = {"epoch": epoch, **metrics}
+            best_state = copy.deepcopy(model.state_dict())
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if resume:
+            resume.maybe_save(
+                epoch,
+                lambda: {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "best": best,
+                    "best_state": best_state,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+    progress.close()
+    model.load_state_dict(best_state)
+    return model.eval(), best

@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect flow over the DVC stages, its deployment and the results summary."""

@@ -1,0 +1,130 @@
+"""The pipeline as a Prefect flow: each DVC stage in order as a task, under one MLflow parent run.
+
+Each task runs `dvc repro --single-item <stage>`, so DVC still decides what is up to date and a
+rerun with nothing changed finishes in seconds. Parameter overrides are applied to params.yaml the
+way `dvc exp run -S key=value` applies them, after validation, before any stage starts.
+
+    python -m pipeline.flow                                   # run with params.yaml as it is
+    python -m pipeline.flow -S distill.steps=4000 -S seed=1   # with overrides
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from io import StringIO
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from ruamel.yaml import YAML
+
+from dfkd.checkpoint import atomic_path
+from pipeline.summary import load_metrics, summary_table
+from stages.params import PARAMS_FILE, ROOT, load_params, validate_params
+from stages.tracking import PARENT_RUN_ENV, configure
+
+STAGES = [
+    "prepare",
+    "train_teacher",
+    "synthesize",
+    "distill",
+    "baseline_noise",
+    "baseline_real",
+    "export",
+    "evaluate",
+]
+
+
+def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> None:
+    """Set dotted keys (`distill.steps`) in params.yaml, keeping its comments; the result is
+    validated before the file is replaced, so a bad override changes nothing."""
+    if not overrides:
+        return
+    round_trip = YAML()
+    document = round_trip.load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = document
+        for key in parents:
+            if not isinstance(section.get(key), dict):
+                raise KeyError(f"override '{dotted}': params.yaml has no section '{key}'")
+            section = section[key]
+        section[leaf] = value
+    buffer = StringIO()
+    round_trip.dump(document, buffer)
+    validate_params(yaml.safe_load(buffer.getvalue()), source=f"params.yaml with overrides {overrides}")
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+@task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")
+def run_stage(stage: str, parent_run_id: str) -> float:
+    """Run one DVC stage in its own process; return its wall time in seconds."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    bin_dir = Path(sys.executable).parent  # dvc.yaml's `python -m stages...` must be this environment's
+    environment = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    dvc = bin_dir / "dvc"
+    completed = subprocess.run([str(dvc), "repro", "--single-item", stage], cwd=ROOT, env=environment)
+    elapsed = time.perf_counter() - start
+    if completed.returncode:
+        raise RuntimeError(f"stage '{stage}' failed (dvc exit code {completed.returncode}); its error is above")
+    logger.info("stage %s done in %.1f s", stage, elapsed)
+    return elapsed
+
+
+@flow(name="data-free-distillation", log_prints=True)
+def pipeline(overrides: dict[str, object] | None = None) -> dict:
+    """Run every stage; return the metrics of the evaluate stage with each stage's wall time."""
+    apply_overrides(overrides or {})
+    params = load_params()  # fails here, before any work, on an invalid params.yaml
+    experiment_id = configure(params.mlflow.experiment)
+    client = MlflowClient()
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"prefect {flow_run.get_name() or 'pipeline'}",
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "overrides": repr(overrides or {})},
+    ).info.run_id
+    status = "FAILED"
+    try:
+        timings = {stage: run_stage(stage, parent) for stage in STAGES}
+        metrics = load_metrics()
+        metrics["stage_seconds"] = timings
+        client.log_batch(
+            parent, metrics=[mlflow.entities.Metric(f"seconds_{k}", v, 0, 0) for k, v in timings.items()]
+        )
+        table = summary_table(metrics)
+        create_markdown_artifact(table, key="pipeline-summary", description="Teacher, floor, DAFL, ceiling")
+        print("\n" + table)
+        status = "FINISHED"
+        return metrics
+    finally:
+        client.set_terminated(parent, status=status)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`key=value` pairs as `dvc exp run -S` takes them; values are parsed as YAML (3000, 0.1, true)."""
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"override '{pair}' is not of the form key=value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    args = parser.parse_args()
+    pipeline(overrides=parse_overrides(args.set_param))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Serve the pipeline as a Prefect deployment that users trigger, with parameters, from the Prefect
+server (UI or CLI). Needs a running server: `prefect server start` in another terminal, then
+`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.
+
+    python -m pipeline.serve
+    prefect deployment run 'data-free-distillation/dfkd-pipeline' \
+        --params '{"overrides": {"distill.steps": 4000, "seed": 1}}'
+"""
+
+from pipeline.flow import pipeline
+
+DEPLOYMENT_NAME = "dfkd-pipeline"
+
+
+def main() -> None:
+    pipeline.serve(
+        name=DEPLOYMENT_NAME,
+        parameters={"overrides": {}},
+        description="Teacher, data-free synthesis, distillation, ONNX export and evaluation; "
+        "`overrides` takes params.yaml keys in dotted form, e.g. {'distill.steps': 4000}.",
+    )
+
+
+if __name__ == "__main__":
+    main()

