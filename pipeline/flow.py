@@ -16,7 +16,6 @@ import time
 from io import StringIO
 from pathlib import Path
 
-import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -79,7 +78,7 @@ def run_stage(stage: str, parent_run_id: str) -> float:
     return elapsed
 
 
-@flow(name="data-free-distillation", log_prints=True)
+@flow(name="data-free-distillation")
 def pipeline(overrides: dict[str, object] | None = None) -> dict:
     """Run every stage; return the metrics of the evaluate stage with each stage's wall time."""
     apply_overrides(overrides or {})
@@ -96,12 +95,11 @@ def pipeline(overrides: dict[str, object] | None = None) -> dict:
         timings = {stage: run_stage(stage, parent) for stage in STAGES}
         metrics = load_metrics()
         metrics["stage_seconds"] = timings
-        client.log_batch(
-            parent, metrics=[mlflow.entities.Metric(f"seconds_{k}", v, 0, 0) for k, v in timings.items()]
+        for stage, seconds in timings.items():
+            client.log_metric(parent, f"seconds_{stage}", seconds)
+        create_markdown_artifact(
+            summary_table(metrics), key="pipeline-summary", description="Teacher, floor, DAFL, ceiling"
         )
-        table = summary_table(metrics)
-        create_markdown_artifact(table, key="pipeline-summary", description="Teacher, floor, DAFL, ceiling")
-        print("\n" + table)
         status = "FINISHED"
         return metrics
     finally:
@@ -109,13 +107,13 @@ def pipeline(overrides: dict[str, object] | None = None) -> dict:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`key=value` pairs as `dvc exp run -S` takes them; values are parsed as YAML (3000, 0.1, true)."""
+    """`key=value` pairs as `dvc exp run -S` takes them; values are parsed as YAML 1.2 (3000, 1e-3, true)."""
     overrides = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
             raise SystemExit(f"override '{pair}' is not of the form key=value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = YAML(typ="safe").load(value)
     return overrides
 
 
@@ -123,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     args = parser.parse_args()
-    pipeline(overrides=parse_overrides(args.set_param))
+    metrics = pipeline(overrides=parse_overrides(args.set_param))
+    print("\n" + summary_table(metrics))
 
 
 if __name__ == "__main__":

@@ -107,9 +107,8 @@ def main() -> None:
         # The headline figures on the parent run too, so pipeline runs compare side by side.
         parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
         headline = {f"{name}_accuracy": metrics[name]["accuracy"] for name in models}
-        mlflow.tracking.MlflowClient().log_batch(
-            parent, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in headline.items()]
-        )
+        for name, value in headline.items():
+            mlflow.tracking.MlflowClient().log_metric(parent, name, value)
         print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
 
 

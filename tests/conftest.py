@@ -14,7 +14,7 @@ BIN = Path(sys.executable).parent
 TINY_PARAMS = {
     "train_teacher": {"epochs": 2},
     "synthesize": {"dafl": {"steps": 6, "batch_size": 32, "generator_width": 8}},
-    "distill": {"steps": 12, "batch_size": 64},
+    "distill": {"steps": 12, "batch_size": 64, "pool_size": 256},
     "evaluate": {"latency_repeats": 3},
 }
 
