@@ -93,7 +93,8 @@ class ResumeState:
     """Periodic training state of a long loop, so a killed stage continues where it stopped.
 
     The state is keyed by a fingerprint of the run's settings: a file left by a run with other
-    settings is ignored rather than resumed into the wrong run.
+    settings is ignored rather than resumed into the wrong run. The torch RNG state is saved too,
+    so a resumed run draws the same samples an unbroken one would.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, every: int):
@@ -110,10 +111,23 @@ class ResumeState:
             return None  # an unreadable resume file only costs the work it held
         return payload["state"] if payload.get("fingerprint") == self.fingerprint else None
 
-    def maybe_save(self, step: int, state_fn) -> None:
-        """Save `state_fn()` every `every` steps (built lazily: state dicts are copied to save)."""
+    def restore(self, **stateful) -> dict:
+        """Load the saved state into each object (a module, optimizer or schedule); return the
+        saved values: `step` (0 when nothing was saved) and any `extra` given to `maybe_save`."""
+        state = self.load()
+        if state is None:
+            return {"step": 0}
+        for name, target in stateful.items():
+            target.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"])
+        return state
+
+    def maybe_save(self, step: int, extra: dict | None = None, **stateful) -> None:
+        """Every `every` steps, save each object's state dict, the RNG state and `extra`."""
         if self.every and step % self.every == 0:
-            save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state_fn()})
+            state = {"step": step, "rng": torch.get_rng_state(), **(extra or {})}
+            state.update({name: target.state_dict() for name, target in stateful.items()})
+            save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state})
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

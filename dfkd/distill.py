@@ -57,14 +57,7 @@ def distill(
         transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    start = 0
-    state = resume.load() if resume else None
-    if state:
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    start = resume.restore(student=student, optimizer=optimizer, schedule=schedule)["step"] if resume else 0
 
     student.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
@@ -82,14 +75,5 @@ def distill(
             agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
             on_step(step, {"kd_loss": loss.item(), "teacher_agreement": agreement.item()})
         if resume:
-            resume.maybe_save(
-                step,
-                lambda: {
-                    "step": step,
-                    "student": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state(),
-                },
-            )
+            resume.maybe_save(step, student=student, optimizer=optimizer, schedule=schedule)
     return student.eval()

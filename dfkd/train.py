@@ -53,17 +53,10 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    best = {"val_accuracy": -1.0}
-    best_state = copy.deepcopy(model.state_dict())
-    start = 0
-    state = resume.load() if resume else None
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        best, best_state = state["best"], state["best_state"]
-        torch.set_rng_state(state["rng"])
-        start = state["epoch"]
+    saved = resume.restore(model=model, optimizer=optimizer, schedule=schedule) if resume else {"step": 0}
+    start = saved["step"]
+    best = saved.get("best", {"val_accuracy": -1.0})
+    best_state = saved.get("best_state", copy.deepcopy(model.state_dict()))
 
     progress = tqdm(total=config.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="teacher")
     for epoch in range(start + 1, config.epochs + 1):
@@ -93,16 +86,7 @@ def train_classifier(
             on_epoch(epoch, metrics)
         if resume:
             resume.maybe_save(
-                epoch,
-                lambda: {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "best": best,
-                    "best_state": best_state,
-                    "rng": torch.get_rng_state(),
-                },
+                epoch, extra={"best": best, "best_state": best_state}, model=model, optimizer=optimizer, schedule=schedule
             )
     progress.close()
     model.load_state_dict(best_state)

@@ -16,7 +16,6 @@ import time
 from io import StringIO
 from pathlib import Path
 
-import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,7 +24,7 @@ from ruamel.yaml import YAML
 
 from dfkd.checkpoint import atomic_path
 from pipeline.summary import load_metrics, summary_table
-from stages.params import PARAMS_FILE, ROOT, load_params, validate_params
+from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
 from stages.tracking import PARENT_RUN_ENV, configure
 
 STAGES = [
@@ -52,12 +51,12 @@ def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> N
         section = document
         for key in parents:
             if not isinstance(section.get(key), dict):
-                raise KeyError(f"override '{dotted}': params.yaml has no section '{key}'")
+                raise ParamsError(f"override '{dotted}': {path.name} has no section '{key}'")
             section = section[key]
         section[leaf] = value
     buffer = StringIO()
     round_trip.dump(document, buffer)
-    validate_params(yaml.safe_load(buffer.getvalue()), source=f"params.yaml with overrides {overrides}")
+    validate_params(YAML(typ="safe").load(buffer.getvalue()), source=f"{path.name} with overrides {overrides}")
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
 

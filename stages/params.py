@@ -7,8 +7,8 @@ the pipeline at once with the key's dotted path, never halfway through a long st
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 from dfkd.distill import DistillConfig
 from dfkd.synthesis.dafl import DAFLConfig
@@ -101,7 +101,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        raw = YAML(typ="safe").load(path.read_text())  # YAML 1.2, as DVC reads it: 1e-3 is a number
+    except YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({error})") from None
     return validate_params(raw, source=path.name)

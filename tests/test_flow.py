@@ -49,7 +49,7 @@ def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     with pytest.raises(ParamsError, match=r"distill.lr: Input should be greater than 0"):
         apply_overrides({"distill.lr": -1.0}, params)
     assert params.read_text() == original
-    with pytest.raises(KeyError, match="no section 'nowhere'"):
+    with pytest.raises(ParamsError, match="params.yaml has no section 'nowhere'"):
         apply_overrides({"nowhere.steps": 1}, params)
     apply_overrides(parse_overrides(["distill.steps=30"]), params)
     assert "steps: 30  # inline comment" in params.read_text() and "# comment kept" in params.read_text()

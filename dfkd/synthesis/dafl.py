@@ -79,13 +79,7 @@ def synthesize(
         width=config.generator_width,
     ).to(device)
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr)
-    start = 0
-    state = resume.load() if resume else None
-    if state:
-        generator.load_state_dict(state["generator"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    start = resume.restore(generator=generator, optimizer=optimizer)["step"] if resume else 0
 
     generator.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="DAFL generator"):
@@ -108,13 +102,5 @@ def synthesize(
         if on_step:
             on_step(step, {"loss": total.item(), **{name: value.item() for name, value in losses.items()}})
         if resume:
-            resume.maybe_save(
-                step,
-                lambda: {
-                    "step": step,
-                    "generator": generator.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
-                },
-            )
+            resume.maybe_save(step, generator=generator, optimizer=optimizer)
     return GeneratorTransferSet(generator, device)
