@@ -8,6 +8,9 @@ import onnxruntime as ort
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, run
+from pipeline.flow import apply_overrides
+from stages.params import load_params
+from stages.tracking import INVOCATION_TAG
 
 STAGES = {"prepare", "train_teacher", "synthesize", "distill", "baseline_noise", "baseline_real", "export", "evaluate"}
 
@@ -41,8 +44,8 @@ def test_mlflow_has_one_parent_run_with_a_nested_run_per_stage(tiny_project):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("data-free-distillation")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, "all stages of one dvc repro share one parent run"
+    parents = [r for r in runs if INVOCATION_TAG in r.data.tags]
+    assert len(parents) == 1, "all stages of the one dvc repro share one parent run"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {r.data.tags["dfkd.stage"] for r in children} == STAGES
     by_stage = {r.data.tags["dfkd.stage"]: r for r in children}
@@ -66,12 +69,13 @@ def test_onnx_student_is_registered_with_an_alias(tiny_project):
 
 def test_dvc_repro_reruns_only_what_a_change_affects(tiny_project):
     assert "Running stage" not in run([str(BIN / "dvc"), "repro", "--dry"], tiny_project).stdout
-    params = (tiny_project / "params.yaml").read_text()
-    (tiny_project / "params.yaml").write_text(params.replace("steps: 12", "steps: 13"))  # distill.steps
+    params_file = tiny_project / "params.yaml"
+    params = params_file.read_text()
+    apply_overrides({"distill.steps": load_params(params_file).distill.steps + 1}, params_file)
     try:
         dry = run([str(BIN / "dvc"), "repro", "--dry"], tiny_project).stdout
     finally:
-        (tiny_project / "params.yaml").write_text(params)
+        params_file.write_text(params)
     # A dry run lists the stages whose own deps changed; export and evaluate follow once the
     # students' checkpoints really change. Nothing upstream of distillation reruns.
     rerun = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
