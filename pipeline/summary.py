@@ -28,7 +28,7 @@ def summary_table(metrics: dict) -> str:
     ]
     for key, label in ROWS:
         row = metrics[key]
-        gap = f"{row['gap_to_teacher'] * 100:+.2f} pt" if "gap_to_teacher" in row else ""
+        gap = f"{row['gap_to_teacher'] * 100:.2f} pt" if "gap_to_teacher" in row else ""
         agreement = f"{row['teacher_agreement']:.2%}" if "teacher_agreement" in row else ""
         lines.append(
             f"| {label} | {row['accuracy']:.2%} | {gap} | {agreement} | {row['parameters']:,} | {row['flops']:,} |"
