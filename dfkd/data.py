@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfkd.checkpoint import atomic_path
+
 # MNIST's pixel statistics; the teacher, the student, the ONNX file and the server all share them.
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
@@ -118,8 +120,6 @@ def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> l
 
 
 def save_split(path: str | os.PathLike, split: Split) -> None:
-    from dfkd.checkpoint import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, images=split.images, labels=split.labels)

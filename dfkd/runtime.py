@@ -15,8 +15,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

@@ -37,10 +37,6 @@ class PrepareParams(Strict):
         return self
 
 
-class TeacherParams(TeacherTrainConfig):
-    pass
-
-
 class SynthesizeParams(Strict):
     method: Literal["dafl"] = "dafl"
     dafl: DAFLConfig = DAFLConfig()
@@ -70,7 +66,7 @@ class Params(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     prepare: PrepareParams = PrepareParams()
-    train_teacher: TeacherParams = TeacherParams()
+    train_teacher: TeacherTrainConfig = TeacherTrainConfig()
     synthesize: SynthesizeParams = SynthesizeParams()
     distill: DistillParams = DistillParams()
     export: ExportParams = ExportParams()

@@ -27,7 +27,7 @@ def main() -> None:
     settings = getattr(params.synthesize, method)
     device = setup(params)
     teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
-    _, synthesize, _ = METHODS[method]
+    synthesize, _ = METHODS[method]
 
     logged = {"seed": params.seed, "device": str(device), "method": method, method: settings.model_dump()}
     with stage_run("synthesize", logged, params.mlflow.experiment):

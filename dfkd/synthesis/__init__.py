@@ -17,21 +17,19 @@ class TransferSet(Protocol):
 class GaussianNoise:
     """The floor baseline: standard normal noise in the normalised input space."""
 
-    def __init__(self, image_shape: tuple[int, ...], generator: torch.Generator | None = None):
+    def __init__(self, image_shape: tuple[int, ...]):
         self.image_shape = image_shape
-        self.generator = generator
 
     def sample(self, batch_size: int) -> torch.Tensor:
-        return torch.randn(batch_size, *self.image_shape, generator=self.generator)
+        return torch.randn(batch_size, *self.image_shape)
 
 
 class FixedImages:
     """A fixed set of images drawn with replacement: the real train split (the ceiling baseline),
     or a pool drawn once from another transfer set."""
 
-    def __init__(self, images: torch.Tensor, generator: torch.Generator | None = None):
+    def __init__(self, images: torch.Tensor):
         self.images = images
-        self.generator = generator
 
     def sample(self, batch_size: int) -> torch.Tensor:
-        return self.images[torch.randint(len(self.images), (batch_size,), generator=self.generator)]
+        return self.images[torch.randint(len(self.images), (batch_size,))]

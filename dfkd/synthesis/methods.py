@@ -7,9 +7,9 @@ import torch
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.synthesis import TransferSet, dafl
 
-# name -> (config class, synthesize function, transfer-set class)
+# name -> (synthesize function, transfer-set class that loads what it saved)
 METHODS = {
-    "dafl": (dafl.DAFLConfig, dafl.synthesize, dafl.GeneratorTransferSet),
+    "dafl": (dafl.synthesize, dafl.GeneratorTransferSet),
 }
 
 
@@ -25,6 +25,6 @@ def load_transfer_set(path: str | os.PathLike, device: torch.device) -> Transfer
     if method not in METHODS:
         raise CheckpointError(f"{path}: transfer set of unknown method '{method}' (known: {', '.join(METHODS)})")
     try:
-        return METHODS[method][2].from_checkpoint(payload, device)
+        return METHODS[method][1].from_checkpoint(payload, device)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path}: {method} transfer set does not match its architecture ({error})") from error
