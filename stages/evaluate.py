@@ -107,8 +107,9 @@ def main() -> None:
         # The headline figures on the parent run too, so pipeline runs compare side by side.
         parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
         headline = {f"{name}_accuracy": metrics[name]["accuracy"] for name in models}
+        client = mlflow.tracking.MlflowClient()
         for name, value in headline.items():
-            mlflow.tracking.MlflowClient().log_metric(parent, name, value)
+            client.log_metric(parent, name, value)
         print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
 
 
