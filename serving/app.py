@@ -235,7 +235,7 @@ def png_pixels(data: bytes, field: str, sizes: tuple[int, ...]) -> np.ndarray:
             return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise RequestProblem(422, [(field, "not a PNG image")]) from None
-    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for a damaged file
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow on a damaged file
         raise RequestProblem(422, [(field, f"damaged PNG image ({error})")]) from None
 
 

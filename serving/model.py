@@ -65,14 +65,6 @@ def resolve_source(model: str, download_dir: Path) -> ModelSource:
     return ModelSource(local / onnx_file, name, str(version))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Classifier:
     """One onnxruntime session (one per worker process) and the pipeline's preprocessing."""
 
@@ -93,7 +85,7 @@ class Classifier:
                 f"{source.path}: the ONNX metadata lacks {', '.join(missing)} (export it with `python -m stages.export`)"
             )
         self.source = source
-        self.sha256 = sha256_of(source.path)
+        self.sha256 = hashlib.sha256(source.path.read_bytes()).hexdigest()
         self.pixel_mean = float(metadata["pixel_mean"])
         self.pixel_std = float(metadata["pixel_std"])
         self.input_size = int(metadata["input_size"])

@@ -6,10 +6,12 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -293,6 +295,12 @@ def test_json_scales_and_png_upload_agree(client):
     assert abs(sum(first[0]["probabilities"]) - 1) < 1e-6 and raw["model_name"] == "student"
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and header chunk claiming a size, and no pixels: what a decompression bomb starts with."""
+    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header))
+
+
 def square(side: int, value=0) -> list:
     return [[value] * side for _ in range(side)]
 
@@ -324,6 +332,10 @@ BAD_REQUESTS = [
     ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n not really", "image/png")}}, 422, "image[0]"),
     ({"files": {"image": ("x.png", b"hello", "image/png")}}, 422, "image[0]"),
     ({"files": {"image": ("x.png", png_bytes(np.zeros((30, 30), np.uint8)), "image/png")}}, 422, "image[0]"),
+    ({"files": {"image": ("x.png", png_header_only(28, 28), "image/png")}}, 422, "image[0]"),
+    ({"files": {"image": ("x.png", png_header_only(100_000, 100_000), "image/png")}}, 422, "image[0]"),
+    ({"content": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": {"content-type": "application/json"}},
+     422, "body"),
     ({"files": {"image": ("x.jpg", png_bytes(np.zeros((28, 28), np.uint8), format="JPEG"), "image/jpeg")}}, 422, "image[0]"),
     ({"files": {"image": ("x.png", png_bytes(np.zeros((28, 28), np.uint16)), "image/png")}}, 422, "image[0]"),
     ({"files": {"picture": ("x.png", png_bytes(np.zeros((28, 28), np.uint8)), "image/png")}}, 422, "picture"),
