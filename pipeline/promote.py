@@ -85,7 +85,7 @@ def promote(
     client.set_model_version_tag(name, candidate.version, GATE_TAG, "failed" if failures else "passed")
     client.set_model_version_tag(name, candidate.version, REASONS_TAG, "; ".join(failures) or "every check passed")
     serving = client.get_registered_model(name).aliases.get(alias)
-    return Promotion(name, str(candidate.version), alias, not failures, failures, serving and str(serving))
+    return Promotion(name, str(candidate.version), alias, not failures, failures, str(serving) if serving else None)
 
 
 def main() -> None:

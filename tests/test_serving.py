@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import BIN, PROJECT
 from dfkd.data import load_split, to_model_input
-from dfkd.export import export_onnx
+from dfkd.export import export_onnx, onnx_logits, onnx_session
 from dfkd.models import ArchitectureConfig, LeNet5
 from serving.app import ServeSettings, create_app
 from serving.model import Classifier, ModelSource
@@ -160,8 +160,8 @@ def test_a_registry_alias_serves_the_registered_version(tiny_project):
 def test_mlflow_models_serve_answers_with_the_same_logits(tiny_project):
     tracking = f"sqlite:///{tiny_project / 'mlflow.db'}"
     test = load_split(tiny_project / "data/prepared/test.npz")
-    model_input = to_model_input(test.images[:8]).numpy()
-    expected = onnx_logits_of(tiny_project / "models/student.onnx", model_input)
+    model_input = to_model_input(test.images[:8])
+    expected = onnx_logits(onnx_session(tiny_project / "models/student.onnx"), model_input)
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DFKD_"))}
     environment.update(MLFLOW_TRACKING_URI=tracking, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -180,19 +180,12 @@ def test_mlflow_models_serve_answers_with_the_same_logits(tiny_project):
                 pass
             assert process.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
             time.sleep(0.5)
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": model_input.tolist()}, timeout=30)
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": model_input.numpy().tolist()}, timeout=30)
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
     assert answer.status_code == 200, answer.text
     assert np.allclose(np.asarray(answer.json()["predictions"]["logits"]), expected, atol=1e-5)
-
-
-def onnx_logits_of(path: Path, model_input: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: model_input})[0]
 
 
 def test_serving_never_imports_torch_mlflow_or_the_pipeline(onnx_file):
