@@ -173,15 +173,16 @@ def save_mlflow_model(onnx_path: Path, destination: Path) -> None:
 
 def scenario_table(results: list[dict]) -> str:
     lines = [
-        "| server | batch | concurrency | seconds | requests | req/s | images/s | p50 ms | p99 ms | errors | RSS MiB (first -> last sample) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | batch | concurrency | seconds | requests | req/s | images/s | p50 ms | p99 ms | errors "
+        "| server CPU ms/request | RSS MiB (first -> last sample) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         memory = f"{r['rss_mib'][0][1]:.0f} -> {r['rss_mib'][-1][1]:.0f}" if r["rss_mib"] else ""
         lines.append(
             f"| {r['server']} | {r['batch']} | {r['concurrency']} | {r['seconds']:.0f} | {r['requests']:,} "
             f"| {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['errors']} | {memory} |"
+            f"| {r['errors']} | {r['server_cpu_ms_per_request']:.3f} | {memory} |"
         )
     return "\n".join(lines)
 
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--serving-args", default="", help="extra options for python -m serving, e.g. '--workers 2'")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     classifier = Classifier(ModelSource(args.model, args.model.stem, None), threads=1)
     scenarios = [(1, 1, args.seconds), (1, 16, args.soak_seconds), (64, 1, args.seconds), (64, 16, args.seconds)]
     environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "UVICORN_ACCESS_LOG": "false"}
@@ -251,7 +253,9 @@ def main() -> None:
         f"connections, {WARM_UP_SECONDS:.0f} s warm-up then the measured window. The load generator shares the 2 cores",
         "with the server under test, so these figures are lower than on a separate client machine.",
         "Ours receives raw 28x28 pixels (0-255) and preprocesses them; MLflow receives the normalised",
-        "(N, 1, 32, 32) tensor. Batch 1 at concurrency 16 runs for the memory soak.",
+        "(N, 1, 32, 32) tensor. Batch 1 at concurrency 16 runs for the memory soak. Server CPU per request (user +",
+        "system time of the server's processes over the window) does not depend on what else the machine runs.",
+        f"Load average when the run started: {load_at_start:.2f}.",
         "",
         scenario_table(results),
         "",
