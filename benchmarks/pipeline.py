@@ -11,8 +11,6 @@ the table and writes it to BENCHMARKS.md with the machine and the date.
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,10 +22,10 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+from benchmarks.report import machine, write_section  # noqa: E402
 from pipeline.flow import STAGES, apply_overrides  # noqa: E402
 
 BIN = Path(sys.executable).parent
-SECTION = ("<!-- benchmark:pipeline:start -->", "<!-- benchmark:pipeline:end -->")
 
 # Run by a child process: one stage through DVC, then the peak RSS (KiB) of everything it ran.
 MEASURE = (
@@ -76,15 +74,6 @@ def run_seed(seed: int) -> dict:
     return {"seed": seed, "stages": stages, "metrics": metrics}
 
 
-def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor() or "unknown CPU",
-    )
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {memory_gib:.0f} GiB, no GPU used"
-
-
 def table(results: list[dict]) -> str:
     lines = [
         "| seed | teacher | floor (noise) | DAFL student | ceiling (real) | DAFL gap to teacher | DAFL above floor "
@@ -110,18 +99,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    path = PROJECT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
-    section = f"{SECTION[0]}\n{body}\n{SECTION[1]}"
-    if SECTION[0] in text:
-        before, rest = text.split(SECTION[0], 1)
-        text = before + section + rest.split(SECTION[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -137,7 +114,7 @@ def main() -> None:
         table(results),
     ])
     print("\n" + body)
-    write_section(body)
+    write_section("pipeline", body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The pipeline as a Prefect flow: each DVC stage in order as a task, under one MLflow parent run.
+"""The pipeline as a Prefect flow: each DVC stage in order as a task, under one MLflow parent run,
+then the quality gate that promotes the student to the serving alias only if it passes.
 
 Each task runs `dvc repro --single-item <stage>`, so DVC still decides what is up to date and a
 rerun with nothing changed finishes in seconds. Parameter overrides are applied to params.yaml the
@@ -23,6 +24,7 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from dfkd.checkpoint import atomic_path
+from pipeline.promote import Promotion, promote
 from pipeline.summary import load_metrics, summary_table
 from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
 from stages.tracking import PARENT_RUN_ENV, configure
@@ -77,9 +79,21 @@ def run_stage(stage: str, parent_run_id: str) -> float:
     return elapsed
 
 
+@task(task_run_name="promote")
+def promote_student(parent_run_id: str) -> Promotion:
+    """The quality gate (pipeline/promote.py): move the serving alias, or say why not."""
+    promotion = promote(load_params())
+    client = MlflowClient()
+    client.log_metric(parent_run_id, "promoted", int(promotion.promoted))
+    client.set_tag(parent_run_id, "promotion", promotion.report())
+    (get_run_logger().info if promotion.promoted else get_run_logger().warning)(promotion.report())
+    return promotion
+
+
 @flow(name="data-free-distillation")
 def pipeline(overrides: dict[str, object] | None = None) -> dict:
-    """Run every stage; return the metrics of the evaluate stage with each stage's wall time."""
+    """Run every stage and the promotion gate; return the metrics of the evaluate stage with each
+    stage's wall time and the gate's outcome."""
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
     experiment_id = configure(params.mlflow.experiment)
@@ -92,8 +106,10 @@ def pipeline(overrides: dict[str, object] | None = None) -> dict:
     status = "FAILED"
     try:
         timings = {stage: run_stage(stage, parent) for stage in STAGES}
+        promotion = promote_student(parent)
         metrics = load_metrics()
         metrics["stage_seconds"] = timings
+        metrics["promotion"] = promotion.report()
         for stage, seconds in timings.items():
             client.log_metric(parent, f"seconds_{stage}", seconds)
         create_markdown_artifact(

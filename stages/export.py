@@ -5,6 +5,7 @@ PyTorch on `export.parity_samples` inputs (max |logit difference| and argmax): o
 fails and no ONNX file is left. The student is then logged with MLflow's ONNX flavour and registered.
 """
 
+import hashlib
 import json
 
 import mlflow
@@ -22,6 +23,7 @@ from stages.tracking import stage_run
 
 OUT = REPORTS / "export"
 ONNX_PATH = MODELS / "student.onnx"
+ONNX_SHA256_TAG = "dfkd.onnx_sha256"
 
 
 def main() -> None:
@@ -57,9 +59,15 @@ def main() -> None:
             signature=signature,
             input_example=example.astype(np.float32),
             registered_model_name=params.mlflow.registered_model,
+            save_as_external_data=False,  # one file, byte-identical to models/student.onnx
         )
         version = info.registered_model_version
-        MlflowClient().set_registered_model_alias(params.mlflow.registered_model, params.mlflow.alias, version)
+        client = MlflowClient()
+        client.set_registered_model_alias(params.mlflow.registered_model, params.mlflow.alias, version)
+        # The promotion gate checks that the version it promotes is the file the evaluation measured.
+        client.set_model_version_tag(
+            params.mlflow.registered_model, version, ONNX_SHA256_TAG, hashlib.sha256(ONNX_PATH.read_bytes()).hexdigest()
+        )
         print(
             f"export: {ONNX_PATH.name} opset {settings.opset}, parity max |diff| {parity['max_abs_diff']:.2e} "
             f"on {parity['samples']} inputs; registered {params.mlflow.registered_model} v{version} "

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
 
 
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,7 +62,16 @@ class EvaluateParams(Strict):
 class MlflowParams(Strict):
     experiment: str = Field("data-free-distillation", min_length=1)
     registered_model: str = Field("dfkd-student", min_length=1)
-    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    alias: str = Field("candidate", pattern=ALIAS_PATTERN)  # every exported version; promote.alias only if it passes
+
+
+class PromoteParams(Strict):
+    """The quality gate that ends the Prefect flow (pipeline/promote.py); ONNX parity is held to
+    export.max_abs_diff."""
+
+    min_accuracy: float = Field(0.9, ge=0, le=1)  # ONNX student on the real test split
+    max_gap_to_teacher: float = Field(0.05, ge=0, le=1)  # teacher accuracy minus ONNX student accuracy
+    alias: str = Field("champion", pattern=ALIAS_PATTERN)  # the alias the service loads
 
 
 class Params(Strict):
@@ -72,6 +84,13 @@ class Params(Strict):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    promote: PromoteParams = PromoteParams()
+
+    @model_validator(mode="after")
+    def check_aliases(self):
+        if self.promote.alias == self.mlflow.alias:
+            raise ValueError(f"promote.alias must differ from mlflow.alias ('{self.mlflow.alias}', set on every export)")
+        return self
 
 
 class ParamsError(ValueError):
