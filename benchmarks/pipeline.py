@@ -27,7 +27,6 @@ sys.path.insert(0, str(PROJECT))
 from pipeline.flow import STAGES, apply_overrides  # noqa: E402
 
 BIN = Path(sys.executable).parent
-SECTION = ("<!-- benchmark:pipeline:start -->", "<!-- benchmark:pipeline:end -->")
 
 # Run by a child process: one stage through DVC, then the peak RSS (KiB) of everything it ran.
 MEASURE = (
@@ -55,23 +54,27 @@ def fresh_copy(destination: Path, seed: int) -> Path:
     return destination
 
 
+def run_stage(root: Path, stage: str, label: str) -> dict:
+    """One DVC stage in its own process (`dvc repro --single-item`): wall seconds and peak RSS."""
+    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
+        cwd=root, env=environment, capture_output=True, text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"{label}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    measured = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
+    print(f"  {label} {stage:15s} {measured['seconds']:7.1f} s {measured['peak_rss_mib']:7.0f} MiB", flush=True)
+    return measured
+
+
 def run_seed(seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as scratch:
         root = fresh_copy(Path(scratch), seed)
-        environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-        environment.pop("MLFLOW_TRACKING_URI", None)
-        stages = {}
-        for stage in STAGES:
-            start = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
-                cwd=root, env=environment, capture_output=True, text=True,
-            )
-            if done.returncode:
-                raise SystemExit(f"seed {seed}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
-            peak_kib = int(done.stderr.strip().splitlines()[-1])
-            stages[stage] = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
-            print(f"  seed {seed} {stage:15s} {stages[stage]['seconds']:7.1f} s {peak_kib / 1024:7.0f} MiB", flush=True)
+        stages = {stage: run_stage(root, stage, f"seed {seed}") for stage in STAGES}
         metrics = json.loads((root / "metrics.json").read_text())
     return {"seed": seed, "stages": stages, "metrics": metrics}
 
@@ -110,13 +113,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
+def write_section(body: str, name: str = "pipeline") -> None:
+    """Replace (or append) the section between the `benchmark:<name>` markers of BENCHMARKS.md."""
+    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
     path = PROJECT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
-    section = f"{SECTION[0]}\n{body}\n{SECTION[1]}"
-    if SECTION[0] in text:
-        before, rest = text.split(SECTION[0], 1)
-        text = before + section + rest.split(SECTION[1], 1)[1]
+    section = f"{start}\n{body}\n{end}"
+    if start in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
