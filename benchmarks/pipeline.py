@@ -53,23 +53,27 @@ def fresh_copy(destination: Path, seed: int) -> Path:
     return destination
 
 
+def run_stage(root: Path, stage: str, label: str) -> dict:
+    """One DVC stage in its own process (`dvc repro --single-item`): wall seconds and peak RSS."""
+    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
+        cwd=root, env=environment, capture_output=True, text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"{label}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    measured = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
+    print(f"  {label} {stage:15s} {measured['seconds']:7.1f} s {measured['peak_rss_mib']:7.0f} MiB", flush=True)
+    return measured
+
+
 def run_seed(seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as scratch:
         root = fresh_copy(Path(scratch), seed)
-        environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-        environment.pop("MLFLOW_TRACKING_URI", None)
-        stages = {}
-        for stage in STAGES:
-            start = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
-                cwd=root, env=environment, capture_output=True, text=True,
-            )
-            if done.returncode:
-                raise SystemExit(f"seed {seed}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
-            peak_kib = int(done.stderr.strip().splitlines()[-1])
-            stages[stage] = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
-            print(f"  seed {seed} {stage:15s} {stages[stage]['seconds']:7.1f} s {peak_kib / 1024:7.0f} MiB", flush=True)
+        stages = {stage: run_stage(root, stage, f"seed {seed}") for stage in STAGES}
         metrics = json.loads((root / "metrics.json").read_text())
     return {"seed": seed, "stages": stages, "metrics": metrics}
 

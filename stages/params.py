@@ -10,8 +10,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
 
-from dfkd.distill import DistillConfig
+from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.synthesis.dafl import DAFLConfig
+from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +41,32 @@ class PrepareParams(Strict):
         return self
 
 
+# The options of each synthesis method; both sections may be present, only `method`'s is used.
+METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig}
+
+
 class SynthesizeParams(Strict):
-    method: Literal["dafl"] = "dafl"
+    method: Literal["dafl", "zskd"] = "dafl"
     dafl: DAFLConfig = DAFLConfig()
+    zskd: ZSKDConfig = ZSKDConfig()
 
 
-class DistillParams(DistillConfig):
+class DistillParams(DistillSchedule):
+    """The student's schedule, shared by every method, and per synthesis method the way the student
+    sees that method's transfer set (`distill.dafl`, `distill.zskd`). The distill stage and both
+    baselines use the recipe of `synthesize.method`, so switching the method switches the recipe
+    and the floor and ceiling stay comparable with the synthetic-data student."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     student_width: float = Field(0.5, gt=0, le=1)  # 0.5 is LeNet-5-half
+    dafl: TransferRecipe = TransferRecipe()  # the DAFL reference distils at T=1, no augmentation
+    zskd: TransferRecipe = TransferRecipe(temperature=20.0)  # the ZSKD paper's temperature
+
+    def config(self, method: str) -> DistillConfig:
+        """The settings of `distill` for the transfer set of synthesis `method`."""
+        schedule = self.model_dump(include=set(DistillSchedule.model_fields))
+        return DistillConfig(**schedule, **getattr(self, method).model_dump())
 
 
 class ExportParams(Strict):
@@ -97,6 +117,23 @@ class ParamsError(ValueError):
     """Invalid params; the message names the file, each bad key and what is wrong with it."""
 
 
+def _unknown_key(loc: tuple) -> str:
+    """Why a key is unknown, saying where it belongs when it is a known key in the wrong place."""
+    *section, key = (str(part) for part in loc)
+    if section[:1] == ["synthesize"] and len(section) <= 2:
+        owners = [name for name, options in METHOD_OPTIONS.items() if key in options.model_fields]
+        if owners:  # never the section's own method: its own keys are not unknown
+            where = " or ".join(f"synthesize.{name}.{key}" for name in owners)
+            wrong = f", not a {section[1]} one" if len(section) == 2 else ""
+            return f"unknown key: '{key}' is a {'/'.join(owners)} option{wrong} (set {where})"
+    if section == ["distill"] and key in TransferRecipe.model_fields:
+        where = " and ".join(f"distill.{name}.{key}" for name in METHOD_OPTIONS)
+        return f"unknown key: '{key}' is set per synthesis method ({where})"
+    if len(section) == 2 and section[0] == "distill" and key in DistillSchedule.model_fields:
+        return f"unknown key: '{key}' is shared by every synthesis method (set distill.{key})"
+    return "unknown key"
+
+
 def validate_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -107,7 +144,7 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
         for item in error.errors():
             key = ".".join(str(part) for part in item["loc"]) or "(top level)"
             given = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" else ""
-            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            message = _unknown_key(item["loc"]) if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"  {key}: {message}{given}")
         raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(problems)) from None
 
