@@ -21,6 +21,7 @@ COPY .dvcignore ./
 COPY dfkd/ dfkd/
 COPY stages/ stages/
 COPY pipeline/ pipeline/
+COPY amalgamation/ amalgamation/
 RUN git init --quiet \
     && git add --all \
     && git -c user.name=image -c user.email=image@localhost commit --quiet --message "pipeline image"

@@ -10,79 +10,21 @@ the table and writes it to BENCHMARKS.md with the machine and the date.
 
 import argparse
 import json
-import os
-import platform
-import resource
-import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+from harness import fresh_copy, machine, run_stages, write_section  # also puts the project on sys.path
 
-from pipeline.flow import STAGES, apply_overrides  # noqa: E402
-
-BIN = Path(sys.executable).parent
-SECTION = ("<!-- benchmark:pipeline:start -->", "<!-- benchmark:pipeline:end -->")
-
-# Run by a child process: one stage through DVC, then the peak RSS (KiB) of everything it ran.
-MEASURE = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
-)
-
-
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
-                "GIT_COMMITTER_EMAIL": "b@b"}
-
-
-def fresh_copy(destination: Path, seed: int) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for name in files:
-        if (PROJECT / name).is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT / name, destination / name)
-    apply_overrides({"seed": seed}, destination / "params.yaml")
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "benchmark"]):
-        subprocess.run(command, cwd=destination, check=True, env={**os.environ, **GIT_IDENTITY})
-    return destination
+from pipeline.flow import STAGES
 
 
 def run_seed(seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as scratch:
         root = fresh_copy(Path(scratch), seed)
-        environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
-        environment.pop("MLFLOW_TRACKING_URI", None)
-        stages = {}
-        for stage in STAGES:
-            start = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
-                cwd=root, env=environment, capture_output=True, text=True,
-            )
-            if done.returncode:
-                raise SystemExit(f"seed {seed}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
-            peak_kib = int(done.stderr.strip().splitlines()[-1])
-            stages[stage] = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
-            print(f"  seed {seed} {stage:15s} {stages[stage]['seconds']:7.1f} s {peak_kib / 1024:7.0f} MiB", flush=True)
+        stages = run_stages(root, STAGES, f"seed {seed}")
         metrics = json.loads((root / "metrics.json").read_text())
     return {"seed": seed, "stages": stages, "metrics": metrics}
-
-
-def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor() or "unknown CPU",
-    )
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {memory_gib:.0f} GiB, no GPU used"
 
 
 def table(results: list[dict]) -> str:
@@ -110,18 +52,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    path = PROJECT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
-    section = f"{SECTION[0]}\n{body}\n{SECTION[1]}"
-    if SECTION[0] in text:
-        before, rest = text.split(SECTION[0], 1)
-        text = before + section + rest.split(SECTION[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -137,7 +67,7 @@ def main() -> None:
         table(results),
     ])
     print("\n" + body)
-    write_section(body)
+    write_section("pipeline", body)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ way `dvc exp run -S key=value` applies them, after validation, before any stage 
 
     python -m pipeline.flow                                   # run with params.yaml as it is
     python -m pipeline.flow -S distill.steps=4000 -S seed=1   # with overrides
+    python -m pipeline.flow --variant amalgamation            # the amalgamation pipeline (amalgamation/dvc.yaml)
 """
 
 import argparse
@@ -15,6 +16,7 @@ import sys
 import time
 from io import StringIO
 from pathlib import Path
+from typing import Literal
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -23,7 +25,7 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from dfkd.checkpoint import atomic_path
-from pipeline.summary import load_metrics, summary_table
+from pipeline.summary import amalgamation_table, load_amalgamation_metrics, load_metrics, summary_table
 from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
 from stages.tracking import PARENT_RUN_ENV, configure
 
@@ -37,6 +39,16 @@ STAGES = [
     "export",
     "evaluate",
 ]
+# The amalgamation pipeline: the main pipeline's splits and teacher (its reference), then its own file.
+AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
+    f"amalgamation/dvc.yaml:amalgamate_{name}"
+    for name in ("teachers", "generator", "group_stack", "end_to_end", "export", "evaluate")
+]
+# variant -> (its stages, its metrics, its summary, the summary artifact's key)
+VARIANTS = {
+    "distillation": (STAGES, load_metrics, summary_table, "pipeline-summary"),
+    "amalgamation": (AMALGAMATION_STAGES, load_amalgamation_metrics, amalgamation_table, "amalgamation-summary"),
+}
 
 
 def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> None:
@@ -78,8 +90,10 @@ def run_stage(stage: str, parent_run_id: str) -> float:
 
 
 @flow(name="data-free-distillation")
-def pipeline(overrides: dict[str, object] | None = None) -> dict:
-    """Run every stage; return the metrics of the evaluate stage with each stage's wall time."""
+def pipeline(overrides: dict[str, object] | None = None, variant: Literal["distillation", "amalgamation"] = "distillation") -> dict:
+    """Run every stage of the variant (the distillation pipeline, or the amalgamation one); return the
+    metrics of its evaluate stage with each stage's wall time."""
+    stages, load_variant_metrics, table, artifact_key = VARIANTS[variant]
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
     experiment_id = configure(params.mlflow.experiment)
@@ -87,18 +101,16 @@ def pipeline(overrides: dict[str, object] | None = None) -> dict:
     parent = client.create_run(
         experiment_id,
         run_name=f"prefect {flow_run.get_name() or 'pipeline'}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id()), "overrides": repr(overrides or {})},
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "overrides": repr(overrides or {}), "variant": variant},
     ).info.run_id
     status = "FAILED"
     try:
-        timings = {stage: run_stage(stage, parent) for stage in STAGES}
-        metrics = load_metrics()
+        timings = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in stages}
+        metrics = load_variant_metrics()
         metrics["stage_seconds"] = timings
         for stage, seconds in timings.items():
             client.log_metric(parent, f"seconds_{stage}", seconds)
-        create_markdown_artifact(
-            summary_table(metrics), key="pipeline-summary", description="Teacher, floor, DAFL, ceiling"
-        )
+        create_markdown_artifact(table(metrics), key=artifact_key, description=f"Results of the {variant} pipeline")
         status = "FINISHED"
         return metrics
     finally:
@@ -119,9 +131,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--variant", choices=VARIANTS, default="distillation", help="which pipeline to run")
     args = parser.parse_args()
-    metrics = pipeline(overrides=parse_overrides(args.set_param))
-    print("\n" + summary_table(metrics))
+    metrics = pipeline(overrides=parse_overrides(args.set_param), variant=args.variant)
+    print("\n" + VARIANTS[args.variant][2](metrics))
 
 
 if __name__ == "__main__":

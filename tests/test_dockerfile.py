@@ -39,7 +39,9 @@ def test_the_image_installs_the_pinned_torch_and_requirements():
 
 def test_every_module_the_stages_need_is_copied():
     copied = " ".join(argument for name, argument in instructions() if name == "COPY")
-    for stage_command in re.findall(r"cmd: python -m ([\w.]+)", (PROJECT / "dvc.yaml").read_text()):
+    pipelines = (PROJECT / "dvc.yaml").read_text() + (PROJECT / "amalgamation/dvc.yaml").read_text()
+    assert "amalgamation/" in copied
+    for stage_command in re.findall(r"cmd: python -m ([\w.]+)", pipelines):
         package = stage_command.split(".")[0]
         assert f"{package}/" in copied, f"dvc.yaml runs {stage_command} but the image lacks {package}/"
     for package in ("dfkd", "pipeline"):
