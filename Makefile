@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 .PHONY: setup run test
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-serving.txt
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --requirement requirements.txt
 	touch $@

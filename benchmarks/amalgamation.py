@@ -13,13 +13,17 @@ to BENCHMARKS.md with the machine and the date.
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
-from harness import fresh_copy, machine, run_stages, write_section  # also puts the project on sys.path
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
 
-from pipeline.flow import AMALGAMATION_STAGES
+from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
+from benchmarks.report import machine, write_section  # noqa: E402
+from pipeline.flow import AMALGAMATION_STAGES  # noqa: E402
 
 # (metrics key, column) of the models evaluated on all ten classes
 MODELS = [
@@ -33,7 +37,7 @@ MODELS = [
 def run_seed(seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dfkd-amalgamation-bench-") as scratch:
         root = fresh_copy(Path(scratch), seed)
-        stages = run_stages(root, AMALGAMATION_STAGES, f"seed {seed}")
+        stages = {stage.rpartition(":")[2]: run_stage(root, stage, f"seed {seed}") for stage in AMALGAMATION_STAGES}
         metrics = json.loads((root / "amalgamation" / "metrics.json").read_text())
     return {"seed": seed, "stages": stages, "metrics": metrics}
 

@@ -10,19 +10,70 @@ the table and writes it to BENCHMARKS.md with the machine and the date.
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
-from harness import fresh_copy, machine, run_stages, write_section  # also puts the project on sys.path
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
 
-from pipeline.flow import STAGES
+from benchmarks.report import machine, write_section  # noqa: E402
+from pipeline.flow import STAGES, apply_overrides  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+# Run by a child process: one stage through DVC, then the peak RSS (KiB) of everything it ran.
+MEASURE = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench",
+                "GIT_COMMITTER_EMAIL": "b@b"}
+
+
+def fresh_copy(destination: Path, seed: int) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in files:
+        if (PROJECT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / name, destination / name)
+    apply_overrides({"seed": seed}, destination / "params.yaml")
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "benchmark"]):
+        subprocess.run(command, cwd=destination, check=True, env={**os.environ, **GIT_IDENTITY})
+    return destination
+
+
+def run_stage(root: Path, stage: str, label: str) -> dict:
+    """One DVC stage in its own process (`dvc repro --single-item`): wall seconds and peak RSS."""
+    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
+        cwd=root, env=environment, capture_output=True, text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"{label}: stage {stage} failed\n{done.stdout}\n{done.stderr}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    measured = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}
+    print(f"  {label} {stage:15s} {measured['seconds']:7.1f} s {measured['peak_rss_mib']:7.0f} MiB", flush=True)
+    return measured
 
 
 def run_seed(seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as scratch:
         root = fresh_copy(Path(scratch), seed)
-        stages = run_stages(root, STAGES, f"seed {seed}")
+        stages = {stage: run_stage(root, stage, f"seed {seed}") for stage in STAGES}
         metrics = json.loads((root / "metrics.json").read_text())
     return {"seed": seed, "stages": stages, "metrics": metrics}
 

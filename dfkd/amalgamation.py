@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from dfkd.augment import random_shift
+from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.distill import draw_pool
 from dfkd.losses import information_entropy_loss, kd_loss
@@ -207,7 +207,7 @@ def amalgamate(
 
         student.train()
         for step in range(max(saved["step"], phase_start) + 1, phase_end + 1):
-            images = random_shift(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
+            images = random_affine(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
             with torch.no_grad():
                 teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images) for teacher in teachers))
             student_blocks, head_logits, union_logits = student.forward_all(images)

@@ -131,11 +131,15 @@ class ResumeState:
         return state
 
     def maybe_save(self, step: int, extra: dict | None = None, **stateful) -> None:
-        """Every `every` steps, save each object's state dict, the RNG state and `extra`."""
+        """Every `every` steps, `save`."""
         if self.every and step % self.every == 0:
-            state = {"step": step, "rng": torch.get_rng_state(), **(extra or {})}
-            state.update({name: target.state_dict() for name, target in stateful.items()})
-            save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state})
+            self.save(step, extra, **stateful)
+
+    def save(self, step: int, extra: dict | None = None, **stateful) -> None:
+        """Save each object's state dict, the RNG state and `extra` (tensors and plain values)."""
+        state = {"step": step, "rng": torch.get_rng_state(), **(extra or {})}
+        state.update({name: target.state_dict() for name, target in stateful.items()})
+        save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state})
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from dfkd.checkpoint import atomic_path
 PIXEL_MEAN = 0.1307
 PIXEL_STD = 0.3081
 MODEL_IMAGE_SIZE = 32
+IMAGE_SIZES = (28, MODEL_IMAGE_SIZE)  # square inputs accepted; smaller ones are zero-padded to the model's size
 
 
 class DataError(ValueError):
@@ -140,7 +141,7 @@ def load_split(path: str | os.PathLike) -> Split:
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) images with H, W in {28, 32} -> normalised float32 (N, 1, 32, 32).
+    """uint8 (N, H, W) images with H = W in IMAGE_SIZES -> normalised float32 (N, 1, 32, 32).
 
     28x28 digits are zero-padded to 32x32 (LeNet-5's input), as in the original LeNet-5 setup.
     """
@@ -148,7 +149,8 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if pixels.ndim != 3:
         raise DataError(f"expected images of shape (N, H, W), got {tuple(pixels.shape)}")
     pad = (MODEL_IMAGE_SIZE - pixels.shape[-1]) // 2
-    if pixels.shape[-2:] not in ((28, 28), (32, 32)):
-        raise DataError(f"expected 28x28 or 32x32 images, got {tuple(pixels.shape[-2:])}")
+    if pixels.shape[-1] != pixels.shape[-2] or pixels.shape[-1] not in IMAGE_SIZES:
+        accepted = " or ".join(f"{size}x{size}" for size in IMAGE_SIZES)
+        raise DataError(f"expected {accepted} images, got {tuple(pixels.shape[-2:])}")
     pixels = F.pad(pixels, (pad, pad, pad, pad))
     return ((pixels - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)

@@ -9,26 +9,43 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from dfkd.augment import random_shift
+from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import kd_loss
 from dfkd.models import LeNet5
 from dfkd.synthesis import FixedImages, TransferSet
 
 
-class DistillConfig(BaseModel):
+class DistillSchedule(BaseModel):
+    """The student's optimisation: the same whatever the transfer set."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(2000, gt=0)
     batch_size: int = Field(256, gt=0)
     lr: float = Field(2e-3, gt=0)  # the DAFL MNIST recipe's Adam rate, decayed to zero on a cosine
+
+
+class TransferRecipe(BaseModel):
+    """How the student sees the transfer set: what suits one synthesis method's images and not
+    another's (a generator's endless fresh samples, or a few thousand fixed data impressions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     temperature: float = Field(1.0, gt=0)  # DAFL distils at T=1; ZSKD at T=20
-    # Random translation (pixels) of each transfer image; teacher and student see the same shifted
-    # image, so the teacher relabels it: more variety from a fixed transfer set, no real data.
+    # Random translation (pixels), rotation (degrees each way) and scaling (factor in [1 - s, 1 + s])
+    # of each transfer image; teacher and student see the same transformed image, so the teacher
+    # relabels it: more variety from a fixed transfer set, no real data.
     augment_shift: float = Field(0.0, ge=0)
+    augment_rotation: float = Field(0.0, ge=0, le=180)
+    augment_scale: float = Field(0.0, ge=0, lt=1)
     # Images drawn once from the transfer set and reused; 0 draws fresh images every step as the
     # DAFL reference does. On a CPU a generator's forward pass costs several student steps.
     pool_size: int = Field(0, ge=0)
+
+
+class DistillConfig(DistillSchedule, TransferRecipe):
+    """Everything `distill` needs."""
 
 
 def draw_pool(transfer_set: TransferSet, size: int, batch_size: int) -> FixedImages:
@@ -61,7 +78,10 @@ def distill(
 
     student.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
-        images = random_shift(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
+        images = random_affine(
+            transfer_set.sample(config.batch_size).to(device),
+            config.augment_shift, config.augment_rotation, config.augment_scale,
+        )
         with torch.no_grad():
             teacher_logits = teacher(images)
         student_logits = student(images)

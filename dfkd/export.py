@@ -1,5 +1,6 @@
 """ONNX export of a classifier and the parity check against PyTorch."""
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ import onnxruntime as ort
 import torch
 
 from dfkd.checkpoint import atomic_path
-from dfkd.data import PIXEL_MEAN, PIXEL_STD
+from dfkd.data import IMAGE_SIZES, PIXEL_MEAN, PIXEL_STD
 from dfkd.models import LeNet5
 
 INPUT_NAME = "image"
@@ -45,6 +46,7 @@ def export_onnx(model: LeNet5, path: str | os.PathLike, opset: int, metadata: di
         "pixel_mean": str(PIXEL_MEAN),
         "pixel_std": str(PIXEL_STD),
         "input_size": str(config.image_size),
+        "image_sizes": json.dumps(IMAGE_SIZES),
         "num_classes": str(config.num_classes),
         **(metadata or {}),
     }

@@ -20,9 +20,14 @@ def _save(figure: plt.Figure, path: str | os.PathLike) -> None:
 
 
 def save_class_grid(
-    images: torch.Tensor, predicted: torch.Tensor, num_classes: int, path: str | os.PathLike, per_class: int = 8
+    images: torch.Tensor,
+    predicted: torch.Tensor,
+    num_classes: int,
+    path: str | os.PathLike,
+    per_class: int = 8,
+    title: str = "Samples by teacher-predicted class (count in the batch)",
 ) -> None:
-    """One row per class with up to `per_class` images the teacher assigns to it (blank if none)."""
+    """One row per class with up to `per_class` of the images labelled with it (blank if none)."""
     figure, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.8, num_classes * 0.8))
     for label in range(num_classes):
         members = images[predicted == label][:per_class]
@@ -34,7 +39,7 @@ def save_class_grid(
                 axis.imshow(members[column, 0].cpu().numpy(), cmap="gray")
             if column == 0:
                 axis.set_ylabel(f"{label} ({int((predicted == label).sum())})", rotation=0, ha="right", va="center")
-    figure.suptitle("Samples by teacher-predicted class (count in the batch)")
+    figure.suptitle(title)
     _save(figure, path)
 
 
@@ -52,17 +57,24 @@ def save_curves(rows: list[dict[str, float]], path: str | os.PathLike, title: st
     _save(figure, path)
 
 
-def save_confusion_matrix(matrix: np.ndarray, path: str | os.PathLike, title: str) -> None:
+def save_matrix(
+    matrix: np.ndarray,
+    path: str | os.PathLike,
+    title: str,
+    axis_labels: tuple[str, str] = ("predicted", "actual"),
+    value_format: str = "{:.0f}",
+) -> None:
+    """A class-by-class matrix (a confusion matrix by default) as a heatmap, nonzero cells labelled."""
     figure, axis = plt.subplots(figsize=(6, 5))
     image = axis.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axis)
-    for (row, column), count in np.ndenumerate(matrix):
-        if count:
-            colour = "white" if count > matrix.max() / 2 else "black"
-            axis.text(column, row, int(count), ha="center", va="center", fontsize=7, color=colour)
-    axis.set_xticks(range(len(matrix)))
-    axis.set_yticks(range(len(matrix)))
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("actual")
+    for (row, column), value in np.ndenumerate(matrix):
+        if value:
+            colour = "white" if value > matrix.max() / 2 else "black"
+            axis.text(column, row, value_format.format(value), ha="center", va="center", fontsize=7, color=colour)
+    axis.set_xticks(range(matrix.shape[1]))
+    axis.set_yticks(range(matrix.shape[0]))
+    axis.set_xlabel(axis_labels[0])
+    axis.set_ylabel(axis_labels[1])
     axis.set_title(title)
     _save(figure, path)

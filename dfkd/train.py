@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from dfkd.augment import random_shift
+from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.models import LeNet5
 
@@ -65,7 +65,7 @@ def train_classifier(
         total_loss = 0.0
         for i in range(0, len(order), config.batch_size):
             batch = order[i : i + config.batch_size]
-            images = random_shift(train_images[batch], config.max_shift).to(device)
+            images = random_affine(train_images[batch], config.max_shift).to(device)
             loss = F.cross_entropy(model(images), train_labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

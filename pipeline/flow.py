@@ -1,4 +1,5 @@
-"""The pipeline as a Prefect flow: each DVC stage in order as a task, under one MLflow parent run.
+"""The pipeline as a Prefect flow: each DVC stage in order as a task, under one MLflow parent run,
+then the quality gate that promotes the student to the serving alias only if it passes.
 
 Each task runs `dvc repro --single-item <stage>`, so DVC still decides what is up to date and a
 rerun with nothing changed finishes in seconds. Parameter overrides are applied to params.yaml the
@@ -25,6 +26,7 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from dfkd.checkpoint import atomic_path
+from pipeline.promote import Promotion, promote
 from pipeline.summary import amalgamation_table, load_amalgamation_metrics, load_metrics, summary_table
 from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
 from stages.tracking import PARENT_RUN_ENV, configure
@@ -89,10 +91,22 @@ def run_stage(stage: str, parent_run_id: str) -> float:
     return elapsed
 
 
+@task(task_run_name="promote")
+def promote_student(parent_run_id: str) -> Promotion:
+    """The quality gate (pipeline/promote.py): move the serving alias, or say why not."""
+    promotion = promote(load_params())
+    client = MlflowClient()
+    client.log_metric(parent_run_id, "promoted", int(promotion.promoted))
+    client.set_tag(parent_run_id, "promotion", promotion.report())
+    (get_run_logger().info if promotion.promoted else get_run_logger().warning)(promotion.report())
+    return promotion
+
+
 @flow(name="data-free-distillation")
 def pipeline(overrides: dict[str, object] | None = None, variant: Literal["distillation", "amalgamation"] = "distillation") -> dict:
-    """Run every stage of the variant (the distillation pipeline, or the amalgamation one); return the
-    metrics of its evaluate stage with each stage's wall time."""
+    """Run every stage of the variant (the distillation pipeline, or the amalgamation one) and, for the
+    distillation pipeline, the promotion gate; return the metrics of its evaluate stage with each
+    stage's wall time (and the gate's outcome)."""
     stages, load_variant_metrics, table, artifact_key = VARIANTS[variant]
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
@@ -106,8 +120,12 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
     status = "FAILED"
     try:
         timings = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in stages}
+        # The gate guards the alias that the service loads: the distillation student's.
+        promotion = promote_student(parent) if variant == "distillation" else None
         metrics = load_variant_metrics()
         metrics["stage_seconds"] = timings
+        if promotion:
+            metrics["promotion"] = promotion.report()
         for stage, seconds in timings.items():
             client.log_metric(parent, f"seconds_{stage}", seconds)
         create_markdown_artifact(table(metrics), key=artifact_key, description=f"Results of the {variant} pipeline")

@@ -49,6 +49,8 @@ def summary_table(metrics: dict) -> str:
             f"- wall time: synthesis {seconds['synthesize']:.0f} s, distillation {seconds['distill']:.0f} s, "
             f"whole pipeline {sum(seconds.values()):.0f} s"
         )
+    if "promotion" in metrics:
+        lines.append(metrics["promotion"])
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from dfkd.checkpoint import atomic_path, load_classifier
 from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count, per_class_accuracy
 from dfkd.export import onnx_logits, onnx_session
 from dfkd.models import LabelUnion
-from dfkd.plots import save_confusion_matrix
+from dfkd.plots import save_matrix
 from dfkd.train import predict
 from stages.amalgamate_export import ONNX_PATH
 from stages.amalgamate_student import TRAININGS
@@ -105,7 +105,7 @@ def main() -> None:
                 writer = csv.writer(handle)
                 writer.writerow(["class", "student_accuracy"])
                 writer.writerows(enumerate(per_class))
-        save_confusion_matrix(matrix, OUT / "confusion.png", "Amalgamated student on the real test split")
+        save_matrix(matrix, OUT / "confusion.png", "Amalgamated student on the real test split")
 
         headline = {
             "amalgamation_naive_accuracy": metrics["naive_combination"]["accuracy"],

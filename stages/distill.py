@@ -4,8 +4,9 @@
     python -m stages.distill --source noise       # floor baseline: Gaussian noise
     python -m stages.distill --source real        # ceiling baseline: the real train split
 
-All three use the same `distill` params, so they differ only in what the student sees. The student
-of the last step is kept: no real data is used to pick it.
+All three use the same settings: `distill` with the recipe of the selected synthesis method
+(`distill.<synthesize.method>`), so they differ only in what the student sees. The student of the
+last step is kept: no real data is used to pick it.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import argparse
 import mlflow
 
 from dfkd.checkpoint import ResumeState, freeze, load_classifier, save_classifier
-from dfkd.distill import DistillConfig, distill
+from dfkd.distill import distill
 from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.plots import save_curves
 from dfkd.synthesis import GaussianNoise, FixedImages
@@ -37,7 +38,9 @@ def main() -> None:
     stage, student_path, out = SOURCES[source]
 
     params = load_params()
+    method = params.synthesize.method
     settings = params.distill
+    config = settings.config(method)
     device = setup(params)
     teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
     image_shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
@@ -56,11 +59,13 @@ def main() -> None:
         )
     )
 
-    logged = {"seed": params.seed, "device": str(device), "source": source, **settings.model_dump()}
+    logged = {
+        "seed": params.seed, "device": str(device), "source": source, "recipe": method,
+        "student_width": settings.student_width, **config.model_dump(),
+    }
     with stage_run(stage, logged, params.mlflow.experiment):
         curve = CurveLogger(out / "curve.csv", every=5)
         resume = ResumeState(RESUME / f"{stage}.pt", logged, every=200)
-        config = DistillConfig(**settings.model_dump(exclude={"student_width"}))
         student = distill(student, teacher, transfer_set, config, device, on_step=curve, resume=resume)
         save_classifier(student_path, student.cpu(), metadata={"source": source, "seed": params.seed})
         curve.write()

@@ -21,7 +21,7 @@ from dfkd.evaluation import (
     per_class_accuracy,
 )
 from dfkd.export import onnx_logits, onnx_session
-from dfkd.plots import save_confusion_matrix
+from dfkd.plots import save_matrix
 from dfkd.train import predict
 from stages.common import run, MODELS, REPORTS, load_model_input, setup
 from stages.params import ROOT, load_params
@@ -92,7 +92,7 @@ def main() -> None:
                 writer = csv.writer(handle)
                 writer.writerow(["class", "student_accuracy"])
                 writer.writerows(enumerate(per_class))
-        save_confusion_matrix(matrix, OUT / "confusion.png", "Student on the real test split")
+        save_matrix(matrix, OUT / "confusion.png", "Student on the real test split")
 
         flat = {
             f"{name}_{key}": value

@@ -5,6 +5,7 @@ PyTorch on `export.parity_samples` inputs (max |logit difference| and argmax): o
 fails and no ONNX file is left. The student is then logged with MLflow's ONNX flavour and registered.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from stages.tracking import stage_run
 
 OUT = REPORTS / "export"
 ONNX_PATH = MODELS / "student.onnx"
+ONNX_SHA256_TAG = "dfkd.onnx_sha256"
 
 
 def export_student(
@@ -61,9 +63,13 @@ def export_student(
             signature=signature,
             input_example=example.astype(np.float32),
             registered_model_name=registered_model,
+            save_as_external_data=False,  # one file, byte-identical to the exported ONNX file
         )
         version = info.registered_model_version
-        MlflowClient().set_registered_model_alias(registered_model, params.mlflow.alias, version)
+        client = MlflowClient()
+        client.set_registered_model_alias(registered_model, params.mlflow.alias, version)
+        # The promotion gate checks that the version it promotes is the file the evaluation measured.
+        client.set_model_version_tag(registered_model, version, ONNX_SHA256_TAG, hashlib.sha256(onnx_path.read_bytes()).hexdigest())
         print(
             f"{stage}: {onnx_path.name} opset {settings.opset}, parity max |diff| {parity['max_abs_diff']:.2e} "
             f"on {parity['samples']} inputs; registered {registered_model} v{version} @{params.mlflow.alias}"

@@ -11,12 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ruamel.yaml import YAML, YAMLError
 
 from dfkd.amalgamation import GeneratorConfig, StudentConfig
-from dfkd.distill import DistillConfig
+from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.synthesis.dafl import DAFLConfig
+from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
+
+
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 
 
 class Strict(BaseModel):
@@ -38,13 +42,32 @@ class PrepareParams(Strict):
         return self
 
 
+# The options of each synthesis method; both sections may be present, only `method`'s is used.
+METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig}
+
+
 class SynthesizeParams(Strict):
-    method: Literal["dafl"] = "dafl"
+    method: Literal["dafl", "zskd"] = "dafl"
     dafl: DAFLConfig = DAFLConfig()
+    zskd: ZSKDConfig = ZSKDConfig()
 
 
-class DistillParams(DistillConfig):
+class DistillParams(DistillSchedule):
+    """The student's schedule, shared by every method, and per synthesis method the way the student
+    sees that method's transfer set (`distill.dafl`, `distill.zskd`). The distill stage and both
+    baselines use the recipe of `synthesize.method`, so switching the method switches the recipe
+    and the floor and ceiling stay comparable with the synthetic-data student."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     student_width: float = Field(0.5, gt=0, le=1)  # 0.5 is LeNet-5-half
+    dafl: TransferRecipe = TransferRecipe()  # the DAFL reference distils at T=1, no augmentation
+    zskd: TransferRecipe = TransferRecipe(temperature=20.0)  # the ZSKD paper's temperature
+
+    def config(self, method: str) -> DistillConfig:
+        """The settings of `distill` for the transfer set of synthesis `method`."""
+        schedule = self.model_dump(include=set(DistillSchedule.model_fields))
+        return DistillConfig(**schedule, **getattr(self, method).model_dump())
 
 
 class ExportParams(Strict):
@@ -60,7 +83,16 @@ class EvaluateParams(Strict):
 class MlflowParams(Strict):
     experiment: str = Field("data-free-distillation", min_length=1)
     registered_model: str = Field("dfkd-student", min_length=1)
-    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    alias: str = Field("candidate", pattern=ALIAS_PATTERN)  # every exported version; promote.alias only if it passes
+
+
+class PromoteParams(Strict):
+    """The quality gate that ends the Prefect flow (pipeline/promote.py); ONNX parity is held to
+    export.max_abs_diff."""
+
+    min_accuracy: float = Field(0.9, ge=0, le=1)  # ONNX student on the real test split
+    max_gap_to_teacher: float = Field(0.05, ge=0, le=1)  # teacher accuracy minus ONNX student accuracy
+    alias: str = Field("champion", pattern=ALIAS_PATTERN)  # the alias the service loads
 
 
 class TeacherParams(Strict):
@@ -121,11 +153,35 @@ class Params(Strict):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    promote: PromoteParams = PromoteParams()
     amalgamate: AmalgamateParams = AmalgamateParams()
+
+    @model_validator(mode="after")
+    def check_aliases(self):
+        if self.promote.alias == self.mlflow.alias:
+            raise ValueError(f"promote.alias must differ from mlflow.alias ('{self.mlflow.alias}', set on every export)")
+        return self
 
 
 class ParamsError(ValueError):
     """Invalid params; the message names the file, each bad key and what is wrong with it."""
+
+
+def _unknown_key(loc: tuple) -> str:
+    """Why a key is unknown, saying where it belongs when it is a known key in the wrong place."""
+    *section, key = (str(part) for part in loc)
+    if section[:1] == ["synthesize"] and len(section) <= 2:
+        owners = [name for name, options in METHOD_OPTIONS.items() if key in options.model_fields]
+        if owners:  # never the section's own method: its own keys are not unknown
+            where = " or ".join(f"synthesize.{name}.{key}" for name in owners)
+            wrong = f", not a {section[1]} one" if len(section) == 2 else ""
+            return f"unknown key: '{key}' is a {'/'.join(owners)} option{wrong} (set {where})"
+    if section == ["distill"] and key in TransferRecipe.model_fields:
+        where = " and ".join(f"distill.{name}.{key}" for name in METHOD_OPTIONS)
+        return f"unknown key: '{key}' is set per synthesis method ({where})"
+    if len(section) == 2 and section[0] == "distill" and key in DistillSchedule.model_fields:
+        return f"unknown key: '{key}' is shared by every synthesis method (set distill.{key})"
+    return "unknown key"
 
 
 def validate_params(raw: object, source: str = "params.yaml") -> Params:
@@ -140,7 +196,7 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
             # A whole section's repr says nothing the message does not: only single values are echoed.
             echo = item["type"] != "extra_forbidden" and not isinstance(item["input"], dict)
             given = f" (got {item['input']!r})" if echo else ""
-            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            message = _unknown_key(item["loc"]) if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"  {key}: {message}{given}")
         raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(problems)) from None
 

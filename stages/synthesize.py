@@ -27,13 +27,13 @@ def main() -> None:
     settings = getattr(params.synthesize, method)
     device = setup(params)
     teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
-    synthesize, _ = METHODS[method]
+    chosen = METHODS[method]
 
     logged = {"seed": params.seed, "device": str(device), "method": method, method: settings.model_dump()}
     with stage_run("synthesize", logged, params.mlflow.experiment):
         curve = CurveLogger(OUT / "losses.csv", every=5)
         resume = ResumeState(RESUME / "synthesize.pt", logged, every=100)
-        transfer_set = synthesize(teacher, settings, device, on_step=curve, resume=resume)
+        transfer_set = chosen.synthesize(teacher, settings, device, on_step=curve, resume=resume)
         save_transfer_set(MODELS / "transfer_set.pt", method, transfer_set, metadata={"seed": params.seed})
 
         # What the teacher sees in the transfer set: a collapsed generator shows as empty classes.
@@ -51,6 +51,9 @@ def main() -> None:
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", f"{method} synthesis losses")
         save_class_grid(samples.cpu(), predicted, teacher.config.num_classes, OUT / "samples.png")
+        (OUT / "method").mkdir(parents=True, exist_ok=True)  # a DVC output even for a method without figures
+        if chosen.save_figures:
+            chosen.save_figures(transfer_set, OUT / "method")
         with atomic_path(OUT / "balance.json") as tmp:
             tmp.write_text(json.dumps(balance, indent=2))
         mlflow.log_metrics({k: v for k, v in balance.items() if k != "class_counts"})

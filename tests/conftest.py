@@ -13,8 +13,11 @@ BIN = Path(sys.executable).parent
 # Seconds, not minutes: every stage runs for real, on a handful of steps.
 TINY_PARAMS = {
     "train_teacher": {"epochs": 2},
-    "synthesize": {"dafl": {"steps": 6, "batch_size": 32, "generator_width": 8}},
-    "distill": {"steps": 12, "batch_size": 64, "pool_size": 256},
+    "synthesize": {
+        "dafl": {"steps": 6, "batch_size": 32, "generator_width": 8},
+        "zskd": {"impressions": 40, "batch_size": 20, "steps": 5},  # used once a test selects zskd
+    },
+    "distill": {"steps": 12, "batch_size": 64, "dafl": {"pool_size": 256}},
     "evaluate": {"latency_repeats": 3},
 }
 

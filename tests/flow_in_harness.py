@@ -11,7 +11,8 @@ from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-with prefect_test_harness():
+# A generous start-up timeout: on a busy 2-core machine the server takes more than the default 30 s.
+with prefect_test_harness(server_startup_timeout=180):
     from pipeline.flow import VARIANTS, pipeline
 
     variant = sys.argv[2] if len(sys.argv) > 2 else "distillation"

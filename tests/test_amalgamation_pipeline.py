@@ -90,8 +90,9 @@ def test_only_the_teacher_stage_reads_real_training_data_and_root_repro_leaves_i
         reads_train = any(path.startswith(("data/prepared/train", "data/prepared/val")) for path in deps)
         assert reads_train == (stage == "amalgamate_teachers"), stage
     assert "Running stage" not in run([str(BIN / "dvc"), "repro", "--dry", "amalgamation/dvc.yaml"], project).stdout
-    root_dry = run([str(BIN / "dvc"), "repro", "--dry"], project).stdout
-    assert "amalgamate" not in root_dry and "'synthesize'" in root_dry
+    # A plain `dvc repro` at the root reproduces the root dvc.yaml's stages, the ones listed here.
+    root_stages = run([str(BIN / "dvc"), "stage", "list", "--name-only"], project).stdout.split()
+    assert "synthesize" in root_stages and not any("amalgamate" in stage for stage in root_stages)
 
 
 def test_the_flow_runs_the_amalgamation_variant(project):
@@ -114,7 +115,7 @@ def set_teachers(project, teachers: dict) -> str:
     original = (project / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["amalgamate"]["teachers"] = teachers
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return original
 
 

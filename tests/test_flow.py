@@ -22,10 +22,12 @@ def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project)
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["state"] == "COMPLETED"
-    assert sorted(name for name, state in report["task_runs"] if state == "Completed") == sorted(STAGES)
+    assert sorted(name for name, state in report["task_runs"] if state == "Completed") == sorted(STAGES + ["promote"])
     summary = report["summary"]
     for row in ("teacher", "floor", "synthetic", "ceiling", "synthesis"):
         assert row in summary
+    # A few distillation steps cannot reach promote.min_accuracy: the gate keeps the student and says why.
+    assert "NOT promoted; @champion is on no version yet" in summary and "below promote.min_accuracy" in summary
     assert yaml.safe_load((tiny_project / "params.yaml").read_text())["distill"]["steps"] == 14
 
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
@@ -33,6 +35,9 @@ def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project)
     experiment = client.get_experiment_by_name("data-free-distillation")
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`prefect.flow_run_id` != ''")
     assert parent.info.status == "FINISHED" and parent.data.metrics["seconds_synthesize"] >= 0
+    assert parent.data.metrics["promoted"] == 0 and "below promote.min_accuracy" in parent.data.tags["promotion"]
+    candidate = client.get_model_version_by_alias("dfkd-student", "candidate")
+    assert candidate.tags["dfkd.gate"] == "failed" and "champion" not in client.get_registered_model("dfkd-student").aliases
     children = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

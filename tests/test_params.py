@@ -1,11 +1,31 @@
+from typing import get_args
+
 import pytest
 
-from stages.params import PARAMS_FILE, ParamsError, load_params, validate_params
+from dfkd.synthesis.methods import METHODS
+from stages.params import PARAMS_FILE, ParamsError, SynthesizeParams, load_params, validate_params
 
 
 def test_the_shipped_params_file_is_valid():
     params = load_params(PARAMS_FILE)
     assert params.synthesize.method == "dafl"
+
+
+def test_every_method_has_its_options_and_its_distillation_recipe():
+    params = load_params(PARAMS_FILE)
+    assert set(get_args(SynthesizeParams.model_fields["method"].annotation)) == set(METHODS)
+    for method in METHODS:
+        assert getattr(params.synthesize, method) and getattr(params.distill, method)
+
+
+def test_the_method_selects_the_distillation_recipe_with_the_shared_schedule():
+    params = validate_params({
+        "synthesize": {"method": "zskd"},
+        "distill": {"steps": 77, "dafl": {"temperature": 4.0}, "zskd": {"temperature": 20.0, "augment_rotation": 15}},
+    })
+    zskd, dafl = params.distill.config("zskd"), params.distill.config("dafl")
+    assert (zskd.temperature, zskd.augment_rotation, zskd.steps) == (20.0, 15, 77)
+    assert (dafl.temperature, dafl.augment_rotation, dafl.steps) == (4.0, 0, 77)
 
 
 @pytest.mark.parametrize(
@@ -15,8 +35,25 @@ def test_the_shipped_params_file_is_valid():
         ({"train_teacher": {"epochs": "many"}}, r"train_teacher.epochs: Input should be a valid integer"),
         ({"distill": {"stepz": 10}}, r"distill.stepz: unknown key"),
         ({"extra_section": {}}, r"extra_section: unknown key"),
-        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl'"),
-        ({"synthesize": {"dafl": {"temperature": 20}}}, r"synthesize.dafl.temperature: unknown key"),
+        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl' or 'zskd' \(got 'magic'\)"),
+        (
+            {"synthesize": {"dafl": {"temperature": 20}}},
+            r"synthesize.dafl.temperature: unknown key: 'temperature' is a zskd option, not a dafl one "
+            r"\(set synthesize.zskd.temperature\)",
+        ),
+        (
+            {"synthesize": {"zskd": {"generator_width": 8}}},
+            r"synthesize.zskd.generator_width: unknown key: 'generator_width' is a dafl option, not a zskd one",
+        ),
+        ({"synthesize": {"impressions": 10}}, r"synthesize.impressions: unknown key: 'impressions' is a zskd option"),
+        ({"synthesize": {"zskd": {"scales": [1.0, -0.1]}}}, r"synthesize.zskd.scales.1: Input should be greater than 0"),
+        (
+            {"distill": {"temperature": 4}},
+            r"distill.temperature: unknown key: 'temperature' is set per synthesis method "
+            r"\(distill.dafl.temperature and distill.zskd.temperature\)",
+        ),
+        ({"distill": {"zskd": {"steps": 10}}}, r"distill.zskd.steps: unknown key: 'steps' is shared by every synthesis"),
+        ({"distill": {"zskd": {"augment_scale": 1.5}}}, r"distill.zskd.augment_scale: Input should be less than 1"),
         ({"prepare": {"source": "idx"}}, r"prepare: Value error, source 'idx' needs idx_dir"),
         ({"device": "tpu"}, r"device: String should match pattern"),
         ({"export": {"parity_samples": 10}}, r"export.parity_samples: Input should be greater than or equal to 256"),

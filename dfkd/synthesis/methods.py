@@ -1,15 +1,25 @@
 """The synthesis methods by name, and loading a saved transfer set whatever method made it."""
 
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dfkd.synthesis import TransferSet, dafl
+from dfkd.synthesis import TransferSet, dafl, zskd
 
-# name -> (synthesize function, transfer-set class that loads what it saved)
+
+class Method(NamedTuple):
+    synthesize: Callable[..., TransferSet]
+    transfer_set: type  # the class that loads what `synthesize` returned and was saved
+    save_figures: Callable[[TransferSet, Path], None] | None = None  # figures only this method has
+
+
 METHODS = {
-    "dafl": (dafl.synthesize, dafl.GeneratorTransferSet),
+    "dafl": Method(dafl.synthesize, dafl.GeneratorTransferSet),
+    "zskd": Method(zskd.synthesize, zskd.ImpressionTransferSet, zskd.save_figures),
 }
 
 
@@ -25,6 +35,6 @@ def load_transfer_set(path: str | os.PathLike, device: torch.device) -> Transfer
     if method not in METHODS:
         raise CheckpointError(f"{path}: transfer set of unknown method '{method}' (known: {', '.join(METHODS)})")
     try:
-        return METHODS[method][1].from_checkpoint(payload, device)
+        return METHODS[method].transfer_set.from_checkpoint(payload, device)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path}: {method} transfer set does not match its architecture ({error})") from error

@@ -1,0 +1,30 @@
+"""What every benchmark script shares: the machine line and its own section of BENCHMARKS.md."""
+
+import os
+import platform
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        platform.processor() or "unknown CPU",
+    )
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {memory_gib:.0f} GiB, no GPU used"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the text between `<!-- benchmark:NAME:start -->` and `...:end -->`, or append it."""
+    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
+    path = PROJECT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    section = f"{start}\n{body}\n{end}"
+    if start in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

@@ -1,0 +1,189 @@
+"""ZSKD (Nayak et al., ICML 2019): data impressions, optimised from noise against the frozen teacher.
+
+No generator and no data. The teacher's final layer says which classes it finds alike, and that is
+all the method needs to model what its outputs on real data look like:
+1. class similarity: the cosine similarity of the final layer's class weight vectors, each row
+   min-max normalised to [0, 1] (it becomes a Dirichlet concentration, which must be positive);
+2. soft targets: for class k, y ~ Dirichlet(beta * row_k), at several concentration scales beta
+   (1.0 spreads y over the classes similar to k; 0.1 gives near one-hot y), in equal shares;
+3. data impressions: images optimised from uniform noise, many at once, until the teacher's
+   softmax at temperature T (20) matches y:   min_x  CE(y, softmax(teacher(x) / T)).
+The impressions and their targets are a fixed transfer set on which the student is then distilled.
+"""
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfkd.checkpoint import ResumeState
+from dfkd.data import PIXEL_MEAN, PIXEL_STD
+from dfkd.models import LeNet5
+from dfkd.plots import save_class_grid, save_matrix
+from dfkd.synthesis import FixedImages, SynthesisError
+
+# A Dirichlet concentration must be positive; each row's least similar class would get exactly 0.
+MIN_CONCENTRATION = 1e-3
+
+
+class ZSKDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    impressions: int = Field(24000, gt=0)  # the paper's MNIST count, shared evenly by classes and scales
+    batch_size: int = Field(100, gt=0)  # impressions optimised together (each one independently)
+    steps: int = Field(1500, gt=0)  # Adam steps per batch, as in the reference code
+    lr: float = Field(0.01, gt=0)  # Adam, on pixel intensities in [0, 1]
+    temperature: float = Field(20.0, gt=0)  # the paper's softmax temperature for matching the targets
+    scales: tuple[PositiveFloat, ...] = Field((1.0, 0.1), min_length=1)  # Dirichlet concentration scales beta
+    noise: Literal["uniform", "normal"] = "uniform"  # the starting images; see initial_pixels
+
+
+def class_similarity(teacher: nn.Module) -> torch.Tensor:
+    """(classes x classes) cosine similarity of the final layer's class weight vectors, each row
+    min-max normalised: 1 on the diagonal (a class is most like itself), 0 for its least similar class."""
+    classifier = getattr(teacher, "classifier", None)
+    if not isinstance(classifier, nn.Linear):
+        raise SynthesisError(
+            f"ZSKD needs the teacher's final layer as an nn.Linear attribute named 'classifier' "
+            f"(found {type(classifier).__name__}): its rows, one weight vector per class, are where ZSKD "
+            "reads which classes the teacher finds alike, to sample the soft targets of the impressions"
+        )
+    weights = F.normalize(classifier.weight.detach().float(), dim=1)
+    cosine = weights @ weights.T
+    low, high = cosine.amin(dim=1, keepdim=True), cosine.amax(dim=1, keepdim=True)
+    return (cosine - low) / (high - low).clamp_min(1e-12)
+
+
+def sample_targets(similarity: torch.Tensor, count: int, scales: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """`count` soft targets: impression i is for class i mod C at scale beta_(i div C) mod S, so every
+    consecutive C * S impressions cover each (class, scale) pair once. Returns (targets, classes, scales).
+
+    The concentration is beta times the similarity row, used as it is: normalising it again (as the
+    public code does) would cancel beta and make every scale give the same targets."""
+    num_classes = len(similarity)
+    index = torch.arange(count)
+    classes = index % num_classes
+    beta = torch.tensor(scales, dtype=torch.float32)[(index // num_classes) % len(scales)]
+    concentration = (beta[:, None] * similarity[classes]).clamp_min(MIN_CONCENTRATION)
+    return torch.distributions.Dirichlet(concentration).sample(), classes, beta
+
+
+def to_teacher_input(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels - PIXEL_MEAN) / PIXEL_STD
+
+
+def initial_pixels(noise: str, count: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Starting images: `uniform` pixels in [0, 1] (the reference code), or `normal`: standard normal
+    noise in the teacher's normalised input space (the pixel statistics it was trained on), clipped
+    to valid pixels."""
+    if noise == "uniform":
+        return torch.rand(count, *shape, device=device)
+    return (PIXEL_MEAN + PIXEL_STD * torch.randn(count, *shape, device=device)).clamp(0, 1)
+
+
+def impression_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the teacher's softened output against the soft targets, per impression."""
+    return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1)
+
+
+class ImpressionTransferSet(FixedImages):
+    """The data impressions (in the teacher's normalised input space) with the soft targets they were
+    optimised for, the class and scale each target was sampled at, and the class-similarity matrix."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        classes: torch.Tensor,
+        scales: torch.Tensor,
+        similarity: torch.Tensor,
+    ):
+        super().__init__(images)
+        self.targets, self.classes, self.scales, self.similarity = targets, classes, scales, similarity
+
+    def to_checkpoint(self) -> dict:
+        return {
+            "images": self.images,
+            "targets": self.targets,
+            "classes": self.classes,
+            "scales": self.scales,
+            "similarity": self.similarity,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict, device: torch.device) -> "ImpressionTransferSet":
+        images = payload["images"]
+        if images.ndim != 4 or len(payload["targets"]) != len(images):
+            raise ValueError(f"expected images (N, C, H, W) with N targets, got {tuple(images.shape)}")
+        return cls(images, payload["targets"], payload["classes"], payload["scales"], payload["similarity"])
+
+
+def synthesize(
+    teacher: LeNet5,
+    config: ZSKDConfig,
+    device: torch.device,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> ImpressionTransferSet:
+    """Optimise `config.impressions` data impressions against `teacher` (frozen, eval mode), a batch
+    of `config.batch_size` at a time; a killed run resumes after its last finished batch."""
+    similarity = class_similarity(teacher).cpu()
+    # Channels-last convolutions take about half the time on a CPU for these small single-channel images.
+    teacher = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last).eval()
+    # Drawn before any resume: the same seed gives the same targets, so a resumed run keeps them.
+    targets, classes, scales = sample_targets(similarity, config.impressions, config.scales)
+    shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
+    images = torch.empty(config.impressions, *shape)
+
+    saved = resume.restore() if resume else {"step": 0}
+    done = saved.get("done", 0)
+    images[:done] = saved.get("images", images[:0])
+    step = saved["step"]
+    progress = tqdm(total=-(-config.impressions // config.batch_size) * config.steps, initial=step, desc="ZSKD impressions")
+    for start in range(done, config.impressions, config.batch_size):
+        batch_targets = targets[start : start + config.batch_size].to(device)
+        pixels = initial_pixels(config.noise, len(batch_targets), shape, device)
+        pixels = pixels.contiguous(memory_format=torch.channels_last).requires_grad_()
+        optimizer = torch.optim.Adam([pixels], lr=config.lr)
+        for _ in range(config.steps):
+            losses = impression_loss(teacher(to_teacher_input(pixels)), batch_targets, config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)  # impressions stay valid images
+            step += 1
+            progress.update()
+            if on_step:
+                on_step(step, {"loss": losses.mean().item()})
+        images[start : start + len(batch_targets)] = to_teacher_input(pixels.detach()).cpu()
+        done = start + len(batch_targets)
+        if resume:
+            resume.save(step, extra={"done": done, "images": images[:done].clone()})
+    progress.close()
+    return ImpressionTransferSet(images, targets, classes, scales, similarity)
+
+
+def save_figures(transfer_set: ImpressionTransferSet, directory: Path) -> None:
+    """The class-similarity matrix the targets came from, and the impressions of each class."""
+    save_matrix(
+        transfer_set.similarity.numpy(),
+        directory / "class_similarity.png",
+        "Teacher class similarity (final-layer cosine, rows min-max normalised)",
+        axis_labels=("class", "class"),
+        value_format="{:.2f}",
+    )
+    betas = ", ".join(f"{beta:g}" for beta in dict.fromkeys(transfer_set.scales.tolist()))
+    save_class_grid(
+        transfer_set.images,
+        transfer_set.classes,
+        len(transfer_set.similarity),
+        directory / "impressions.png",
+        title=f"Data impressions by target class (columns cycle through beta = {betas}; count per class)",
+    )
