@@ -43,6 +43,7 @@ COPY dfkd/ dfkd/
 COPY stages/ stages/
 COPY pipeline/ pipeline/
 COPY serving/ serving/
+COPY amalgamation/ amalgamation/
 RUN git init --quiet \
     && git add --all \
     && git -c user.name=image -c user.email=image@localhost commit --quiet --message "pipeline image"

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.models import ArchitectureConfig, LeNet5, TargetNet, TargetNetConfig
+
+# Classifier classes a checkpoint may name, with the config each is rebuilt from.
+NETWORKS = {"LeNet5": (LeNet5, ArchitectureConfig), "TargetNet": (TargetNet, TargetNetConfig)}
 
 
 class CheckpointError(ValueError):
@@ -59,11 +62,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
     return payload
 
 
-def save_classifier(path: str | os.PathLike, model: LeNet5, metadata: dict | None = None) -> None:
+def save_classifier(path: str | os.PathLike, model: LeNet5 | TargetNet, metadata: dict | None = None) -> None:
     save_checkpoint(
         path,
         {
             "kind": "classifier",
+            "network": type(model).__name__,
             "architecture": model.config.to_dict(),
             "state_dict": model.state_dict(),
             "metadata": metadata or {},
@@ -71,10 +75,14 @@ def save_classifier(path: str | os.PathLike, model: LeNet5, metadata: dict | Non
     )
 
 
-def load_classifier(path: str | os.PathLike) -> LeNet5:
+def load_classifier(path: str | os.PathLike) -> LeNet5 | TargetNet:
     payload = load_checkpoint(path, "classifier")
+    network = payload.get("network", "LeNet5")
+    if network not in NETWORKS:
+        raise CheckpointError(f"{path}: classifier of unknown network '{network}' (known: {', '.join(NETWORKS)})")
+    model_class, config_class = NETWORKS[network]
     try:
-        model = LeNet5(ArchitectureConfig(**payload["architecture"]))
+        model = model_class(config_class(**payload["architecture"]))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path}: classifier checkpoint does not match its architecture ({error})") from error

@@ -5,6 +5,7 @@ server (UI or CLI). Needs a running server: `prefect server start` in another te
     python -m pipeline.serve
     prefect deployment run 'data-free-distillation/dfkd-pipeline' \
         --params '{"overrides": {"distill.steps": 4000, "seed": 1}}'
+    prefect deployment run 'data-free-distillation/dfkd-pipeline' --params '{"variant": "amalgamation"}'
 """
 
 from pipeline.flow import pipeline
@@ -15,9 +16,10 @@ DEPLOYMENT_NAME = "dfkd-pipeline"
 def main() -> None:
     pipeline.serve(
         name=DEPLOYMENT_NAME,
-        parameters={"overrides": {}},
+        parameters={"overrides": {}, "variant": "distillation"},
         description="Teacher, data-free synthesis, distillation, ONNX export and evaluation; "
-        "`overrides` takes params.yaml keys in dotted form, e.g. {'distill.steps': 4000}.",
+        "`overrides` takes params.yaml keys in dotted form, e.g. {'distill.steps': 4000}; "
+        "`variant: amalgamation` runs the amalgamation pipeline (amalgamation/dvc.yaml) instead.",
     )
 
 

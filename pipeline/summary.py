@@ -1,10 +1,12 @@
-"""The one-screen summary of a pipeline run, from metrics.json: teacher, floor, DAFL, ceiling."""
+"""The one-screen summary of a pipeline run, from metrics.json: teacher, floor, DAFL, ceiling; and of
+an amalgamation run, from amalgamation/metrics.json: teachers, their naive combination, the students."""
 
 import json
 
 from stages.params import ROOT
 
 METRICS_FILE = ROOT / "metrics.json"
+AMALGAMATION_METRICS_FILE = ROOT / "amalgamation" / "metrics.json"
 
 ROWS = [
     ("teacher", "teacher (LeNet-5, real data)"),
@@ -49,6 +51,45 @@ def summary_table(metrics: dict) -> str:
         )
     if "promotion" in metrics:
         lines.append(metrics["promotion"])
+    return "\n".join(lines)
+
+
+def load_amalgamation_metrics() -> dict:
+    return json.loads(AMALGAMATION_METRICS_FILE.read_text())
+
+
+def amalgamation_table(metrics: dict) -> str:
+    """Markdown: every teacher on its own classes, then everything on all the classes."""
+    teachers = metrics["teachers"]
+    naive = metrics["naive_combination"]
+    lines = [
+        f"### Data-free amalgamation of {len(teachers)} teachers, seed {metrics['seed']}, "
+        f"{metrics['test_size']} real test images",
+        "",
+        "| model | classes | test accuracy | vs naive combination | parameters | FLOPs/image |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, row in teachers.items():
+        lines.append(f"| teacher '{name}' (own classes only) | {row['classes']} | {row['own_class_accuracy']:.2%} | "
+                     f"| {row['parameters']:,} | {row['flops']:,} |")
+    rows = [
+        ("naive_combination", "naive combination (the more confident teacher decides)"),
+        ("student_end_to_end", "ablation: student trained end to end only"),
+        ("student", "student, group-stack training"),
+        ("reference", "reference: one teacher trained on all the data"),
+    ]
+    for key, label in rows:
+        row = metrics[key]
+        versus = f"{(row['accuracy'] - naive['accuracy']) * 100:+.2f} pt" if key != "naive_combination" else ""
+        lines.append(f"| {label} | all | {row['accuracy']:.2%} | {versus} | {row['parameters']:,} | {row['flops']:,} |")
+    student = metrics["student"]
+    lines += [
+        "",
+        f"- the student has {student['parameters']:,} parameters, {metrics['student_parameter_ratio']:.0%} of the "
+        f"teachers' {naive['parameters']:,} together; ONNX accuracy {student['onnx_accuracy']:.2%}",
+    ]
+    if "stage_seconds" in metrics:
+        lines.append(f"- wall time: whole amalgamation pipeline {sum(metrics['stage_seconds'].values()):.0f} s")
     return "\n".join(lines)
 
 

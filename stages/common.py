@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from dfkd.amalgamation import AmalgamationError
 from dfkd.checkpoint import CheckpointError
 from dfkd.data import DataError, load_split, to_model_input
 from dfkd.export import ParityError
@@ -34,10 +35,10 @@ def load_model_input(split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main; bad input (params, data, checkpoints, a teacher that the synthesis method
-    cannot use, ONNX parity) ends it with a one-line error naming the key or file and exit code 2,
-    instead of a traceback."""
+    cannot use, teachers that cannot be amalgamated, ONNX parity) ends it with a one-line error naming
+    the key or file and exit code 2, instead of a traceback."""
     try:
         main()
-    except (ParamsError, DataError, CheckpointError, SynthesisError, ParityError) as error:
+    except (ParamsError, DataError, CheckpointError, SynthesisError, AmalgamationError, ParityError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,7 @@ fails and no ONNX file is left. The student is then logged with MLflow's ONNX fl
 
 import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from dfkd.checkpoint import atomic_path, load_classifier
 from dfkd.export import ParityError, check_parity, export_onnx, onnx_logits, onnx_session
 from stages.common import run, MODELS, REPORTS, RESUME, setup
-from stages.params import load_params
+from stages.params import Params, load_params
 from stages.tracking import stage_run
 
 OUT = REPORTS / "export"
@@ -26,53 +27,58 @@ ONNX_PATH = MODELS / "student.onnx"
 ONNX_SHA256_TAG = "dfkd.onnx_sha256"
 
 
-def main() -> None:
-    params = load_params()
+def export_student(
+    params: Params, stage: str, student_path: Path, onnx_path: Path, out: Path, registered_model: str
+) -> None:
+    """Export the classifier at `student_path` to `onnx_path`, parity-checked, then log and register it
+    (the amalgamation pipeline exports its student with the same code)."""
     settings = params.export
     setup(params)
-    student = load_classifier(MODELS / "student.pt")
+    student = load_classifier(student_path)
     config = student.config
     # Parity on inputs shaped like both real and synthetic ones: noise in the normalised space.
     inputs = torch.randn(settings.parity_samples, config.in_channels, config.image_size, config.image_size)
 
-    with stage_run("export", {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):
+    with stage_run(stage, {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):
         # Checked in a scratch file first, so a failed check leaves no ONNX output behind.
-        candidate = RESUME / "student.onnx"
+        candidate = RESUME / onnx_path.name
         export_onnx(student, candidate, settings.opset, metadata={"class_names": json.dumps([str(k) for k in range(config.num_classes)])})
         try:
             parity = check_parity(student, candidate, inputs, settings.max_abs_diff)
         except ParityError:
             candidate.unlink()
             raise
-        with atomic_path(ONNX_PATH) as tmp:
+        with atomic_path(onnx_path) as tmp:
             tmp.write_bytes(candidate.read_bytes())
         candidate.unlink()
-        with atomic_path(OUT / "parity.json") as tmp:
+        with atomic_path(out / "parity.json") as tmp:
             tmp.write_text(json.dumps({"opset": settings.opset, **parity}, indent=2))
         mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"], "parity_argmax_mismatches": 0})
 
         example = inputs[:4].numpy()
-        signature = infer_signature(example, onnx_logits(onnx_session(ONNX_PATH), inputs[:4]))
+        signature = infer_signature(example, onnx_logits(onnx_session(onnx_path), inputs[:4]))
         info = mlflow.onnx.log_model(
-            onnx.load(str(ONNX_PATH)),
+            onnx.load(str(onnx_path)),
             name="student",
             signature=signature,
             input_example=example.astype(np.float32),
-            registered_model_name=params.mlflow.registered_model,
-            save_as_external_data=False,  # one file, byte-identical to models/student.onnx
+            registered_model_name=registered_model,
+            save_as_external_data=False,  # one file, byte-identical to the exported ONNX file
         )
         version = info.registered_model_version
         client = MlflowClient()
-        client.set_registered_model_alias(params.mlflow.registered_model, params.mlflow.alias, version)
+        client.set_registered_model_alias(registered_model, params.mlflow.alias, version)
         # The promotion gate checks that the version it promotes is the file the evaluation measured.
-        client.set_model_version_tag(
-            params.mlflow.registered_model, version, ONNX_SHA256_TAG, hashlib.sha256(ONNX_PATH.read_bytes()).hexdigest()
-        )
+        client.set_model_version_tag(registered_model, version, ONNX_SHA256_TAG, hashlib.sha256(onnx_path.read_bytes()).hexdigest())
         print(
-            f"export: {ONNX_PATH.name} opset {settings.opset}, parity max |diff| {parity['max_abs_diff']:.2e} "
-            f"on {parity['samples']} inputs; registered {params.mlflow.registered_model} v{version} "
-            f"@{params.mlflow.alias}"
+            f"{stage}: {onnx_path.name} opset {settings.opset}, parity max |diff| {parity['max_abs_diff']:.2e} "
+            f"on {parity['samples']} inputs; registered {registered_model} v{version} @{params.mlflow.alias}"
         )
+
+
+def main() -> None:
+    params = load_params()
+    export_student(params, "export", MODELS / "student.pt", ONNX_PATH, OUT, params.mlflow.registered_model)
 
 
 if __name__ == "__main__":

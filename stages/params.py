@@ -5,11 +5,12 @@ the pipeline at once with the key's dotted path, never halfway through a long st
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
 
+from dfkd.amalgamation import GeneratorConfig, StudentConfig
 from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.synthesis.dafl import DAFLConfig
 from dfkd.synthesis.zskd import ZSKDConfig
@@ -94,6 +95,54 @@ class PromoteParams(Strict):
     alias: str = Field("champion", pattern=ALIAS_PATTERN)  # the alias the service loads
 
 
+class TeacherParams(Strict):
+    classes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)  # global labels, in output order
+    # Your own classifier (a checkpoint of this package) instead of one trained by the pipeline;
+    # it must lie in amalgamation/teachers/, the folder DVC tracks for them.
+    checkpoint: str | None = Field(None, pattern=r"^amalgamation/teachers/[^/]+\.pt$")
+
+
+class AmalgamateStudentParams(StudentConfig):
+    width: float = Field(1.0, gt=0, le=1)  # of the TargetNet's LeNet-5 trunk and heads
+
+
+class AmalgamateParams(Strict):
+    # name -> the classes it predicts; any partition of the labels into two or more teachers.
+    teachers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], TeacherParams] = {
+        "digits_0_4": TeacherParams(classes=[0, 1, 2, 3, 4]),
+        "digits_5_9": TeacherParams(classes=[5, 6, 7, 8, 9]),
+    }
+    shared_classes: list[int] = []  # labels that more than one teacher predicts, on purpose
+    generator: GeneratorConfig = GeneratorConfig()
+    student: AmalgamateStudentParams = AmalgamateStudentParams()
+    registered_model: str = Field("dfkd-amalgamated-student", min_length=1)
+
+    @model_validator(mode="after")
+    def check_label_sets(self):
+        if len(self.teachers) < 2:
+            names = ", ".join(f"'{name}'" for name in self.teachers) or "none"
+            raise ValueError(f"teachers: amalgamation needs at least two teachers, got {len(self.teachers)} ({names})")
+        owners: dict[int, list[str]] = {}
+        for name, teacher in self.teachers.items():
+            if len(set(teacher.classes)) != len(teacher.classes):
+                raise ValueError(f"teacher '{name}' lists a class twice: {teacher.classes}")
+            for label in teacher.classes:
+                owners.setdefault(label, []).append(name)
+        for label, names in sorted(owners.items()):
+            if len(names) > 1 and label not in self.shared_classes:
+                raise ValueError(
+                    f"teachers '{names[0]}' and '{names[1]}' both predict class {label}, which shared_classes "
+                    "does not declare (declare it to amalgamate overlapping label sets)"
+                )
+        for label in self.shared_classes:
+            if len(owners.get(label, [])) < 2:
+                raise ValueError(f"shared_classes declares class {label}, but {len(owners.get(label, []))} teacher(s) predict it")
+        missing = sorted(set(range(max(owners) + 1)) - set(owners))
+        if missing:
+            raise ValueError(f"the teachers' classes must cover 0..{max(owners)}; no teacher predicts {missing}")
+        return self
+
+
 class Params(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -105,6 +154,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     promote: PromoteParams = PromoteParams()
+    amalgamate: AmalgamateParams = AmalgamateParams()
 
     @model_validator(mode="after")
     def check_aliases(self):
@@ -143,7 +193,9 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
         problems = []
         for item in error.errors():
             key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            given = f" (got {item['input']!r})" if item["type"] != "extra_forbidden" else ""
+            # A whole section's repr says nothing the message does not: only single values are echoed.
+            echo = item["type"] != "extra_forbidden" and not isinstance(item["input"], dict)
+            given = f" (got {item['input']!r})" if echo else ""
             message = _unknown_key(item["loc"]) if item["type"] == "extra_forbidden" else item["msg"]
             problems.append(f"  {key}: {message}{given}")
         raise ParamsError(f"{source}: invalid parameters\n" + "\n".join(problems)) from None

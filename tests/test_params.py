@@ -71,3 +71,42 @@ def test_params_file_errors_name_the_file(tmp_path):
     broken.write_text("distill: [unclosed")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(broken)
+
+
+def teachers(**classes) -> dict:
+    return {"amalgamate": {"teachers": {name: {"classes": labels} for name, labels in classes.items()}}}
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (teachers(all=list(range(10))), r"amalgamate: Value error, teachers: amalgamation needs at least two teachers, got 1 \('all'\)$"),
+        (teachers(), r"needs at least two teachers, got 0 \(none\)"),
+        (
+            teachers(low=[0, 1, 2, 3, 4, 5], high=[5, 6, 7, 8, 9]),
+            r"teachers 'low' and 'high' both predict class 5, which shared_classes does not declare",
+        ),
+        (teachers(low=[0, 1, 2], high=[3, 4, 3]), r"teacher 'high' lists a class twice: \[3, 4, 3\]"),
+        (teachers(low=[0, 1], high=[3, 4]), r"the teachers' classes must cover 0..4; no teacher predicts \[2\]"),
+        (
+            {"amalgamate": {**teachers(low=[0, 1], high=[2, 3])["amalgamate"], "shared_classes": [1]}},
+            r"shared_classes declares class 1, but 1 teacher\(s\) predict it",
+        ),
+        (teachers(**{"low one": [0], "high": [1]}), r"amalgamate.teachers.low one.\[key\]: String should match pattern"),
+        (teachers(low=[], high=[0]), r"amalgamate.teachers.low.classes: List should have at least 1 item"),
+        (
+            {"amalgamate": {"teachers": {"a": {"classes": [0], "checkpoint": "/tmp/a.pt"}, "b": {"classes": [1]}}}},
+            r"amalgamate.teachers.a.checkpoint: String should match pattern",
+        ),
+        ({"amalgamate": {"student": {"block_steps": 0}}}, r"amalgamate.student.block_steps: Input should be greater than 0"),
+    ],
+)
+def test_invalid_amalgamation_params_name_the_teacher_and_the_problem(raw, expected):
+    with pytest.raises(ParamsError, match=expected):
+        validate_params(raw)
+
+
+def test_declared_overlaps_are_accepted():
+    raw = teachers(low=[0, 1, 2, 3, 4, 5], high=[5, 6, 7, 8, 9])
+    raw["amalgamate"]["shared_classes"] = [5]
+    assert validate_params(raw).amalgamate.shared_classes == [5]

@@ -63,38 +63,45 @@ class GeneratorTransferSet:
         return self.generator(latent)
 
 
-def synthesize(
-    teacher: LeNet5,
+def dafl_losses(teacher: LeNet5, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher's logits on `images` and DAFL's three loss terms (unweighted)."""
+    logits, features = teacher.forward_with_features(images)
+    return logits, {
+        "one_hot": one_hot_loss(logits),
+        "activation": activation_loss(features),
+        "entropy": information_entropy_loss(logits),
+    }
+
+
+def weighted_total(losses: dict[str, torch.Tensor], config: DAFLConfig) -> torch.Tensor:
+    return (
+        config.one_hot_weight * losses["one_hot"]
+        + config.activation_weight * losses["activation"]
+        + config.entropy_weight * losses["entropy"]
+    )
+
+
+def train_generator(
+    generator_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    image_shape: tuple[int, int, int],
     config: DAFLConfig,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
 ) -> GeneratorTransferSet:
-    """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
-    teacher = teacher.to(device).eval()
+    """Train a generator of `image_shape` images (channels, size, size) to minimise
+    `generator_loss(images)`, which returns the total and its terms (for the curves)."""
+    channels, image_size, _ = image_shape
     generator = Generator(
-        latent_dim=config.latent_dim,
-        image_size=teacher.config.image_size,
-        channels=teacher.config.in_channels,
-        width=config.generator_width,
+        latent_dim=config.latent_dim, image_size=image_size, channels=channels, width=config.generator_width
     ).to(device)
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr)
     start = resume.restore(generator=generator, optimizer=optimizer)["step"] if resume else 0
 
     generator.train()
-    for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="DAFL generator"):
+    for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="generator"):
         latent = torch.randn(config.batch_size, config.latent_dim, device=device)
-        logits, features = teacher.forward_with_features(generator(latent))
-        losses = {
-            "one_hot": one_hot_loss(logits),
-            "activation": activation_loss(features),
-            "entropy": information_entropy_loss(logits),
-        }
-        total = (
-            config.one_hot_weight * losses["one_hot"]
-            + config.activation_weight * losses["activation"]
-            + config.entropy_weight * losses["entropy"]
-        )
+        total, losses = generator_loss(generator(latent))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -104,3 +111,21 @@ def synthesize(
         if resume:
             resume.maybe_save(step, generator=generator, optimizer=optimizer)
     return GeneratorTransferSet(generator, device)
+
+
+def synthesize(
+    teacher: LeNet5,
+    config: DAFLConfig,
+    device: torch.device,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> GeneratorTransferSet:
+    """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
+    teacher = teacher.to(device).eval()
+
+    def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, losses = dafl_losses(teacher, images)
+        return weighted_total(losses, config), losses
+
+    image_shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
+    return train_generator(generator_loss, image_shape, config, device, on_step, resume)

@@ -1,0 +1,233 @@
+"""Data-free knowledge amalgamation (DFKA, Ye et al., CVPR 2020): several teachers, each for its own
+classes, into one compact multi-branch student (the TargetNet, dfkd/models.py), without their data.
+
+1. A DAFL generator is trained against all the teachers as fixed discriminators: DAFL's one-hot,
+   activation and information-entropy losses per teacher, averaged, plus the information entropy
+   of the combined prediction over the union of labels, so the images cover every teacher's classes
+   in balance.
+2. Group-stack training of the TargetNet on those images: its trunk block by block (each block,
+   on top of the blocks already trained, reproduces every teacher's features at that depth through
+   a 1x1 adapter per teacher that is dropped afterwards), then its heads on the teachers' outputs,
+   then everything end to end. The ablation trains the same network end to end only.
+
+The teachers' outputs are combined over the union of their labels with `LabelUnion`: a softmax over
+all their logits side by side. The baseline it is compared with, `naive_combination`, lets the
+more confident teacher decide.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfkd.augment import random_affine
+from dfkd.checkpoint import ResumeState
+from dfkd.distill import draw_pool
+from dfkd.losses import information_entropy_loss, kd_loss
+from dfkd.models import LabelUnion, LeNet5, TargetNet
+from dfkd.synthesis import TransferSet
+from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
+
+
+class AmalgamationError(ValueError):
+    """Teachers that cannot be amalgamated together; the message names the teacher and the problem."""
+
+
+def check_teachers(teachers: dict[str, LeNet5], classes: dict[str, list[int]]) -> None:
+    """Every teacher must take the same input and have one output per class it is declared with."""
+    names = list(teachers)
+    first = teachers[names[0]].config
+    for name in names:
+        config = teachers[name].config
+        if (config.in_channels, config.image_size) != (first.in_channels, first.image_size):
+            raise AmalgamationError(
+                f"teacher '{name}' takes {config.in_channels}x{config.image_size}x{config.image_size} inputs but "
+                f"teacher '{names[0]}' takes {first.in_channels}x{first.image_size}x{first.image_size}: "
+                "amalgamated teachers must share one input shape"
+            )
+        if config.num_classes != len(classes[name]):
+            raise AmalgamationError(
+                f"teacher '{name}' has {config.num_classes} outputs but is declared with "
+                f"{len(classes[name])} classes {classes[name]}"
+            )
+
+
+def naive_combination(logits: list[torch.Tensor], groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The baseline: the teacher with the highest top-class probability decides; returns global labels."""
+    confidence, local = zip(*(F.softmax(z, dim=1).max(dim=1) for z in logits))
+    winner = torch.stack(confidence, dim=1).argmax(dim=1)
+    lookup = [torch.tensor(group)[index] for group, index in zip(groups, local)]  # each teacher's global label
+    return torch.stack(lookup, dim=1).gather(1, winner.unsqueeze(1)).squeeze(1)
+
+
+class GeneratorConfig(DAFLConfig):
+    # DAFL's three terms are averaged over the teachers; this one balances the combined prediction
+    # over the union of labels, so no teacher's classes are left out of the generated set.
+    union_entropy_weight: float = Field(5.0, ge=0)
+
+
+def generator_losses(teachers: list[LeNet5], union: LabelUnion, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DAFL's terms for each teacher, averaged over the teachers, and the information entropy of the
+    combined prediction over the union of labels (unweighted)."""
+    logits, terms = zip(*(dafl_losses(teacher, images) for teacher in teachers))
+    losses = {name: torch.stack([term[name] for term in terms]).mean() for name in terms[0]}
+    losses["union_entropy"] = information_entropy_loss(union(list(logits)))
+    return losses
+
+
+def synthesize(
+    teachers: list[LeNet5],
+    groups: tuple[tuple[int, ...], ...],
+    config: GeneratorConfig,
+    device: torch.device,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> GeneratorTransferSet:
+    """Train one DAFL generator against all `teachers` (frozen, eval mode; teacher i predicts `groups[i]`)."""
+    teachers = [teacher.to(device).eval() for teacher in teachers]
+    union = LabelUnion(groups).to(device)
+
+    def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = generator_losses(teachers, union, images)
+        return weighted_total(losses, config) + config.union_entropy_weight * losses["union_entropy"], losses
+
+    first = teachers[0].config
+    image_shape = (first.in_channels, first.image_size, first.image_size)
+    return train_generator(generator_loss, image_shape, config, device, on_step, resume)
+
+
+class StudentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Group-stack schedule: each trunk block, then the heads, then end to end. The ablation trains
+    # end to end for the same total number of steps.
+    block_steps: int = Field(300, gt=0)
+    head_steps: int = Field(300, gt=0)
+    end_to_end_steps: int = Field(1500, gt=0)
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(5e-3, gt=0)  # Adam, cosine decay to zero within each phase
+    temperature: float = Field(4.0, gt=0)
+    pool_size: int = Field(49152, ge=0)  # generated images drawn once and reused; 0: fresh every step
+    augment_shift: float = Field(2.0, ge=0)  # random shift, pixels; the teachers see the shifted image
+
+    def phases(self, group_stack: bool, blocks: int) -> list[tuple[str, int]]:
+        if not group_stack:
+            return [("end_to_end", blocks * self.block_steps + self.head_steps + self.end_to_end_steps)]
+        return [(f"block{b + 1}", self.block_steps) for b in range(blocks)] + [
+            ("heads", self.head_steps),
+            ("end_to_end", self.end_to_end_steps),
+        ]
+
+
+def feature_adapters(student: TargetNet, teachers: list[LeNet5]) -> nn.ModuleList:
+    """adapters[b][t] maps the student's block b output to teacher t's at the same depth: a 1x1
+    convolution for conv maps, a linear layer for flat features. Training scaffolding, not kept."""
+    config = student.config
+    probe = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
+    with torch.no_grad():
+        student_blocks = student.cpu().forward_all(probe)[0]
+        teacher_blocks = [teacher.cpu().forward_blocks(probe)[1] for teacher in teachers]
+    adapters = nn.ModuleList()
+    for b, mine in enumerate(student_blocks):
+        layer = nn.Conv2d if mine.ndim == 4 else nn.Linear
+        kwargs = {"kernel_size": 1} if mine.ndim == 4 else {}
+        adapters.append(nn.ModuleList(layer(mine.shape[1], blocks[b].shape[1], **kwargs) for blocks in teacher_blocks))
+    return adapters
+
+
+def feature_loss(student_block: torch.Tensor, adapters: nn.ModuleList, teacher_blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over teachers of the adapted student features' squared error, relative to the teacher's
+    feature energy, so every teacher and every depth weighs the same."""
+    errors = [
+        F.mse_loss(adapter(student_block), target) / target.pow(2).mean().clamp_min(1e-8)
+        for adapter, target in zip(adapters, teacher_blocks)
+    ]
+    return torch.stack(errors).mean()
+
+
+def output_loss(
+    head_logits: list[torch.Tensor], union_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
+    union: LabelUnion, temperature: float,
+) -> torch.Tensor:
+    """KD of each head from its teacher, plus KD of the combined prediction from the teachers' union
+    (which also sets the heads' logits against one another)."""
+    per_head = torch.stack([kd_loss(mine, theirs, temperature) for mine, theirs in zip(head_logits, teacher_logits)])
+    return per_head.mean() + kd_loss(union_logits, union(teacher_logits), temperature)
+
+
+def amalgamate(
+    student: TargetNet,
+    teachers: list[LeNet5],
+    transfer_set: TransferSet,
+    config: StudentConfig,
+    device: torch.device,
+    group_stack: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> TargetNet:
+    """Train `student` from `teachers` (teacher i for head i) on transfer-set images alone; return it.
+
+    The student of the last step is the result: no real data is there to pick another.
+    """
+    teachers = [teacher.to(device).eval() for teacher in teachers]
+    adapters = feature_adapters(student, teachers).to(device)
+    student = student.to(device)
+    union = student.union
+    if config.pool_size:
+        transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
+    phases = config.phases(group_stack, len(student.blocks))
+    total_steps = sum(steps for _, steps in phases)
+
+    saved = resume.restore(student=student, adapters=adapters) if resume else {"step": 0}
+    progress = tqdm(total=total_steps, initial=saved["step"], desc="group-stack" if group_stack else "end to end")
+    phase_start = 0
+    for index, (phase, steps) in enumerate(phases):  # block phases learn features, the others outputs
+        phase_end = phase_start + steps
+        if saved["step"] >= phase_end:
+            phase_start = phase_end
+            continue
+        if phase.startswith("block"):
+            depth = int(phase.removeprefix("block")) - 1
+            trained = [*student.blocks[depth].parameters(), *adapters[depth].parameters()]
+        elif phase == "heads":
+            trained = list(student.heads.parameters())
+        else:
+            trained = list(student.parameters())
+        trainable = {id(parameter) for parameter in trained}
+        for parameter in [*student.parameters(), *adapters.parameters()]:
+            parameter.requires_grad_(id(parameter) in trainable)  # the stack below a block stays fixed
+        optimizer = torch.optim.Adam(trained, lr=config.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        if saved.get("phase") == phase:
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+
+        student.train()
+        for step in range(max(saved["step"], phase_start) + 1, phase_end + 1):
+            images = random_affine(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
+            with torch.no_grad():
+                teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images) for teacher in teachers))
+            student_blocks, head_logits, union_logits = student.forward_all(images)
+            if phase.startswith("block"):
+                loss = feature_loss(student_blocks[depth], adapters[depth], [blocks[depth] for blocks in teacher_blocks])
+            else:
+                loss = output_loss(head_logits, union_logits, list(teacher_logits), union, config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.update()
+
+            if on_step:
+                agreement = union_logits.argmax(1) == union(list(teacher_logits)).argmax(1)
+                on_step(step, {"loss": loss.item(), "union_agreement": agreement.float().mean().item(),
+                               "phase": float(index)})
+            if resume:
+                resume.maybe_save(step, extra={"phase": phase}, student=student, adapters=adapters,
+                                  optimizer=optimizer, schedule=schedule)
+        phase_start = phase_end
+    progress.close()
+    return student.requires_grad_(True).eval()

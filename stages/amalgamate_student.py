@@ -1,0 +1,74 @@
+"""Stage amalgamate_student: the TargetNet trained from the teachers on the generator's images alone.
+
+    python -m stages.amalgamate_student --training group_stack   # the product: block by block, heads, end to end
+    python -m stages.amalgamate_student --training end_to_end    # the ablation: end to end only, same step count
+
+Both use the same `amalgamate.student` params. The student of the last step is kept: no real data
+is used to train or pick it.
+"""
+
+import argparse
+
+import mlflow
+
+from dfkd.amalgamation import StudentConfig, amalgamate
+from dfkd.checkpoint import ResumeState, save_classifier
+from dfkd.models import TargetNet, TargetNetConfig
+from dfkd.plots import save_curves
+from dfkd.synthesis.methods import load_transfer_set
+from stages.amalgamate_generator import TRANSFER_SET
+from stages.amalgamate_teachers import load_teachers
+from stages.common import MODELS, REPORTS, RESUME, run, setup
+from stages.params import load_params
+from stages.tracking import CurveLogger, stage_run
+
+# training -> (DVC stage name, student checkpoint)
+TRAININGS = {
+    "group_stack": ("amalgamate_group_stack", MODELS / "amalgamation" / "student.pt"),
+    "end_to_end": ("amalgamate_end_to_end", MODELS / "amalgamation" / "student_end_to_end.pt"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--training", choices=TRAININGS, default="group_stack", help="the training schedule")
+    training = parser.parse_args().training
+    stage, student_path = TRAININGS[training]
+    out = REPORTS / "amalgamation" / training
+
+    params = load_params()
+    settings = params.amalgamate.student
+    device = setup(params)
+    teachers = load_teachers(params)
+    transfer_set = load_transfer_set(TRANSFER_SET, device)
+    first = next(iter(teachers.values())).config
+    student = TargetNet(
+        TargetNetConfig(
+            groups=tuple(tuple(spec.classes) for spec in params.amalgamate.teachers.values()),
+            in_channels=first.in_channels,
+            image_size=first.image_size,
+            width=settings.width,
+        )
+    )
+
+    logged = {"seed": params.seed, "device": str(device), "training": training, **settings.model_dump()}
+    with stage_run(stage, logged, params.mlflow.experiment):
+        curve = CurveLogger(out / "curve.csv", every=5)
+        resume = ResumeState(RESUME / f"{stage}.pt", {**logged, "groups": student.config.groups}, every=200)
+        config = StudentConfig(**settings.model_dump(exclude={"width"}))
+        student = amalgamate(student, list(teachers.values()), transfer_set, config, device,
+                             group_stack=training == "group_stack", on_step=curve, resume=resume)
+        save_classifier(student_path, student.cpu(), metadata={"training": training, "teachers": list(teachers),
+                                                               "seed": params.seed})
+        curve.write()
+        save_curves(curve.rows, out / "curve.png", f"Amalgamation, {training.replace('_', ' ')}")
+        mlflow.log_metrics({f"final_{name}": value for name, value in curve.rows[-1].items() if name != "step"})
+        mlflow.log_artifact(str(student_path), "checkpoint")
+        mlflow.log_artifacts(str(out), "reports")
+        resume.clear()
+        steps = sum(steps for _, steps in config.phases(training == "group_stack", len(student.blocks)))
+        print(f"{stage}: TargetNet trained for {steps} steps on generated images")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,99 @@
+"""Stage amalgamate_teachers: the specialised teachers that the amalgamation pipeline starts from.
+
+One LeNet-5 per entry of `amalgamate.teachers`, trained (with the `train_teacher` recipe) on the
+train split's images of its own classes only, labels renumbered to its outputs, its epoch picked on
+the validation images of those classes. An entry with a `checkpoint` is your own classifier instead:
+it is checked and copied, not trained. Every teacher lands in models/amalgamation/teachers/<name>.pt.
+This is the last amalgamation stage that reads real training data.
+"""
+
+import json
+
+import mlflow
+import torch
+
+from dfkd.amalgamation import AmalgamationError, check_teachers
+from dfkd.checkpoint import ResumeState, atomic_path, freeze, load_classifier, save_classifier
+from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.plots import save_curves
+from dfkd.train import train_classifier
+from stages.common import MODELS, REPORTS, RESUME, load_model_input, run, setup
+from stages.params import ROOT, Params, load_params
+from stages.tracking import CurveLogger, stage_run
+
+TEACHERS = MODELS / "amalgamation" / "teachers"
+OUT = REPORTS / "amalgamation" / "teachers"
+
+
+def teacher_classes(params: Params) -> dict[str, list[int]]:
+    return {name: teacher.classes for name, teacher in params.amalgamate.teachers.items()}
+
+
+def load_teachers(params: Params) -> dict[str, LeNet5]:
+    """The stage's teachers, frozen, in params order (teacher i feeds the student's head i)."""
+    teachers = {name: freeze(load_classifier(TEACHERS / f"{name}.pt")) for name in params.amalgamate.teachers}
+    check_teachers(teachers, teacher_classes(params))
+    return teachers
+
+
+def main() -> None:
+    params = load_params()
+    settings = params.amalgamate
+    device = setup(params)
+    train_images, train_labels = load_model_input("train")
+    val_images, val_labels = load_model_input("val")
+    classes = teacher_classes(params)
+    data_classes = int(train_labels.max()) + 1
+    covered = max(max(labels) for labels in classes.values()) + 1
+    if covered != data_classes:
+        raise AmalgamationError(
+            f"amalgamate.teachers cover classes 0..{covered - 1} but the data has {data_classes} classes"
+        )
+
+    # Every teacher checked before any is trained: your own checkpoints against the shape of the
+    # data that the others are trained on, and against their declared classes.
+    input_config = ArchitectureConfig(in_channels=train_images.shape[1], image_size=train_images.shape[-1])
+    teachers = {
+        name: load_classifier(ROOT / spec.checkpoint) if spec.checkpoint
+        else LeNet5(ArchitectureConfig(**{**input_config.to_dict(), "num_classes": len(spec.classes)}))
+        for name, spec in settings.teachers.items()
+    }
+    check_teachers(teachers, classes)
+
+    logged = {"seed": params.seed, "device": str(device), **params.train_teacher.model_dump(),
+              "teachers": {name: spec.model_dump() for name, spec in settings.teachers.items()}}
+    with stage_run("amalgamate_teachers", logged, params.mlflow.experiment):
+        summary = {}
+        for name, spec in settings.teachers.items():
+            if spec.checkpoint:
+                summary[name] = {"classes": spec.classes, "source": spec.checkpoint}
+                save_classifier(TEACHERS / f"{name}.pt", teachers[name], metadata=summary[name])
+                continue
+            # Global label -> this teacher's output index (-1: not one of its classes).
+            local = torch.full((data_classes,), -1, dtype=torch.long)
+            local[spec.classes] = torch.arange(len(spec.classes))
+            mine, mine_val = local[train_labels] >= 0, local[val_labels] >= 0
+            curve = CurveLogger(OUT / f"{name}_curve.csv")
+            resume = ResumeState(RESUME / f"amalgamate_teacher_{name}.pt", {**logged, "name": name}, every=1)
+            teacher, best = train_classifier(
+                teachers[name], train_images[mine], local[train_labels[mine]], val_images[mine_val],
+                local[val_labels[mine_val]], params.train_teacher, device,
+                on_epoch=lambda epoch, metrics: curve(epoch, {f"{name}_{k}": v for k, v in metrics.items()}),
+                resume=resume,
+            )
+            summary[name] = {"classes": spec.classes, "source": "trained", "train_images": int(mine.sum()), **best}
+            save_classifier(TEACHERS / f"{name}.pt", teacher.cpu(), metadata={"selected_on": "val", **summary[name]})
+            curve.write()
+            save_curves(curve.rows, OUT / f"{name}_curve.png", f"Teacher '{name}' (classes {spec.classes})")
+            mlflow.log_metric(f"{name}_best_val_accuracy", best["val_accuracy"])
+            resume.clear()
+            print(f"teacher '{name}' {spec.classes}: best validation accuracy {best['val_accuracy']:.4f} "
+                  f"at epoch {best['epoch']}")
+        with atomic_path(OUT / "teachers.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        mlflow.log_artifacts(str(TEACHERS), "checkpoints")
+        mlflow.log_artifacts(str(OUT), "reports")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,182 @@
+"""DFKA pieces: the TargetNet, the label union, the naive combination, the losses, group-stack training."""
+
+import math
+
+import pytest
+import torch
+
+from dfkd.amalgamation import (
+    AmalgamationError,
+    GeneratorConfig,
+    StudentConfig,
+    amalgamate,
+    check_teachers,
+    feature_adapters,
+    generator_losses,
+    naive_combination,
+    synthesize,
+)
+from dfkd.checkpoint import ResumeState, load_classifier, save_classifier
+from dfkd.export import check_parity, export_onnx, onnx_logits, onnx_session
+from dfkd.losses import information_entropy_loss
+from dfkd.models import ArchitectureConfig, LabelUnion, LeNet5, TargetNet, TargetNetConfig
+from dfkd.synthesis import GaussianNoise
+from dfkd.synthesis.dafl import dafl_losses
+
+HALVES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+CPU = torch.device("cpu")
+
+
+def parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def half_teachers(seed: int = 0) -> list[LeNet5]:
+    torch.manual_seed(seed)
+    return [LeNet5(ArchitectureConfig(num_classes=len(group))).eval() for group in HALVES]
+
+
+def test_target_net_shapes_and_size():
+    student = TargetNet(TargetNetConfig(groups=HALVES))
+    blocks, heads, union = student.forward_all(torch.randn(4, 1, 32, 32))
+    teacher_blocks = half_teachers()[0].forward_blocks(torch.randn(4, 1, 32, 32))[1]
+    assert [b.shape for b in blocks] == [b.shape for b in teacher_blocks]  # a LeNet-5 trunk at width 1
+    assert [h.shape for h in heads] == [(4, 5), (4, 5)] and union.shape == (4, 10)
+    assert student.config.num_classes == 10
+    assert parameters(student) < sum(parameters(t) for t in half_teachers()) * 0.6
+    assert parameters(TargetNet(TargetNetConfig(groups=HALVES, width=0.5))) < parameters(student) / 3
+
+
+def test_combined_prediction_places_each_head_at_its_global_labels():
+    student = TargetNet(TargetNetConfig(groups=((3, 0), (1, 4, 2)))).eval()
+    _, (first, second), union = student.forward_all(torch.randn(6, 1, 32, 32))
+    assert torch.allclose(union[:, [3, 0]], first, atol=1e-6) and torch.allclose(union[:, [1, 4, 2]], second, atol=1e-6)
+
+
+def test_label_union_is_one_softmax_over_all_logits_summing_shared_labels():
+    union = LabelUnion(((0, 1, 2), (2, 3)))  # class 2 is predicted by both
+    a, b = torch.randn(5, 3), torch.randn(5, 2)
+    probabilities = torch.softmax(torch.cat([a, b], dim=1), dim=1)
+    expected = torch.stack(
+        [probabilities[:, 0], probabilities[:, 1], probabilities[:, 2] + probabilities[:, 3], probabilities[:, 4]], dim=1
+    )
+    assert torch.allclose(torch.softmax(union([a, b]), dim=1), expected, atol=1e-6)
+
+
+def test_naive_combination_lets_the_more_confident_teacher_decide():
+    first = torch.tensor([[5.0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 0, 0, 9.0]])
+    second = torch.tensor([[0.0, 0, 2.0, 0, 0], [0, 0, 0, 8.0, 0], [3.0, 0, 0, 0, 0]])
+    # Row 0: the first is surer (its class 0); row 1: the second (its local class 3 is global 8);
+    # row 2: the first (its local class 4 is global 4).
+    assert naive_combination([first, second], HALVES).tolist() == [0, 8, 4]
+    # Confidence is the softmax probability: a teacher with larger logits decides more often.
+    assert naive_combination([first * 0.1, second * 10], HALVES)[0].item() == 7
+
+
+def test_generator_losses_average_the_teachers_and_balance_the_union():
+    teachers = half_teachers()
+    union = LabelUnion(HALVES)
+    images = torch.randn(16, 1, 32, 32)
+    losses = generator_losses(teachers, union, images)
+    per_teacher = [dafl_losses(teacher, images)[1] for teacher in teachers]
+    for name in ("one_hot", "activation", "entropy"):
+        assert math.isclose(losses[name].item(), sum(t[name].item() for t in per_teacher) / 2, rel_tol=1e-5)
+    combined = union([teacher(images) for teacher in teachers])
+    assert math.isclose(losses["union_entropy"].item(), information_entropy_loss(combined).item(), rel_tol=1e-5)
+    assert losses["union_entropy"].item() >= -math.log(10) - 1e-5
+
+
+def test_generator_trains_against_all_teachers():
+    config = GeneratorConfig(steps=3, batch_size=8, latent_dim=8, generator_width=4)
+    seen = []
+    transfer_set = synthesize(half_teachers(), HALVES, config, CPU, on_step=lambda step, m: seen.append(m))
+    assert len(seen) == 3 and set(seen[0]) == {"loss", "one_hot", "activation", "entropy", "union_entropy"}
+    assert transfer_set.sample(8).shape == (8, 1, 32, 32)
+
+
+def test_teachers_of_other_input_shapes_or_output_counts_are_named():
+    good = LeNet5(ArchitectureConfig(num_classes=5))
+    colour = LeNet5(ArchitectureConfig(in_channels=3, num_classes=5))
+    with pytest.raises(AmalgamationError, match=r"teacher 'rgb' takes 3x32x32 inputs but teacher 'gray' takes 1x32x32"):
+        check_teachers({"gray": good, "rgb": colour}, {"gray": [0, 1, 2, 3, 4], "rgb": [5, 6, 7, 8, 9]})
+    with pytest.raises(AmalgamationError, match=r"teacher 'b' has 5 outputs but is declared with 3 classes"):
+        check_teachers({"a": good, "b": good}, {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7]})
+
+
+def test_feature_adapters_map_the_student_to_each_teacher():
+    teachers = [LeNet5(ArchitectureConfig(num_classes=5)), LeNet5(ArchitectureConfig(num_classes=5, width=0.5))]
+    student = TargetNet(TargetNetConfig(groups=HALVES, width=0.75))
+    adapters = feature_adapters(student, teachers)
+    images = torch.randn(2, 1, 32, 32)
+    student_blocks = student.forward_all(images)[0]
+    for b, block in enumerate(student_blocks):
+        for t, teacher in enumerate(teachers):
+            assert adapters[b][t](block).shape == teacher.forward_blocks(images)[1][b].shape
+
+
+TINY = StudentConfig(block_steps=2, head_steps=2, end_to_end_steps=3, batch_size=8, pool_size=0, augment_shift=1.0)
+
+
+def test_group_stack_trains_one_block_at_a_time_then_the_heads():
+    torch.manual_seed(0)
+    student = TargetNet(TargetNetConfig(groups=HALVES))
+    snapshots = {}
+    initial = {name: value.clone() for name, value in student.state_dict().items()}
+
+    def on_step(step, metrics):
+        snapshots[step] = {name: value.clone() for name, value in student.state_dict().items()}
+
+    amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU, group_stack=True, on_step=on_step)
+    changed = lambda step, prefix: any(  # noqa: E731
+        not torch.equal(snapshots[step][name], (snapshots[step - 2] if step > 2 else initial)[name])
+        for name in initial if name.startswith(prefix)
+    )
+    assert changed(2, "blocks.0") and not changed(2, "blocks.1") and not changed(2, "heads")
+    assert changed(4, "blocks.1") and not changed(4, "blocks.0") and not changed(4, "blocks.2")
+    assert changed(8, "heads") and not changed(8, "blocks")  # steps 7-8: the heads phase
+    assert len(snapshots) == 3 * 2 + 2 + 3 and all(p.requires_grad for p in student.parameters())
+
+
+def test_ablation_trains_everything_for_the_same_number_of_steps():
+    seen = []
+    amalgamate(TargetNet(TargetNetConfig(groups=HALVES)), half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU,
+               group_stack=False, on_step=lambda step, m: seen.append(step))
+    assert seen == list(range(1, 12))
+
+
+class Killed(Exception):
+    pass
+
+
+def run_group_stack(resume: ResumeState | None, kill_at: int | None = None) -> TargetNet:
+    torch.manual_seed(0)
+    student = TargetNet(TargetNetConfig(groups=HALVES))
+
+    def on_step(step, metrics):
+        if step == kill_at:
+            raise Killed
+
+    return amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU, on_step=on_step, resume=resume)
+
+
+def test_interrupted_group_stack_resumes_to_the_same_student(tmp_path):
+    unbroken = run_group_stack(None)
+    resume = ResumeState(tmp_path / "gs.pt", {"steps": 11}, every=4)
+    with pytest.raises(Killed):
+        run_group_stack(resume, kill_at=10)  # in the end-to-end phase, last saved in the heads phase (8)
+    resumed = run_group_stack(resume)
+    for name, value in unbroken.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[name]), name
+
+
+def test_target_net_checkpoint_and_onnx_give_the_combined_prediction(tmp_path):
+    torch.manual_seed(0)
+    student = TargetNet(TargetNetConfig(groups=((0, 1, 2), (2, 3, 4)))).eval()
+    save_classifier(tmp_path / "student.pt", student)
+    restored = load_classifier(tmp_path / "student.pt")
+    images = torch.randn(300, 1, 32, 32)
+    assert isinstance(restored, TargetNet) and torch.equal(restored(images), student(images))
+    export_onnx(restored, tmp_path / "student.onnx", opset=18)
+    report = check_parity(restored, tmp_path / "student.onnx", images[:256], max_abs_diff=1e-4)
+    assert report["argmax_mismatches"] == 0
+    assert onnx_logits(onnx_session(tmp_path / "student.onnx"), images[:7]).shape == (7, 5)
