@@ -21,7 +21,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
+from benchmarks.pipeline import fresh_copy, run_stage, stage_table  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from pipeline.flow import AMALGAMATION_STAGES  # noqa: E402
 
@@ -83,14 +83,8 @@ def table(results: list[dict]) -> str:
         f"| {m['student']['flops']:,} |",
         f"| reference 10-class teacher | {m['reference']['parameters']:,} | {m['reference']['flops']:,} |",
         "",
-        "| stage | " + " | ".join(f"seed {r['seed']} s (peak MiB)" for r in results) + " |",
-        "|---|" + "---:|" * len(results),
+        stage_table(results),
     ]
-    for stage in results[0]["stages"]:
-        cells = " | ".join(
-            f"{r['stages'][stage]['seconds']:.1f} ({r['stages'][stage]['peak_rss_mib']:.0f})" for r in results
-        )
-        lines.append(f"| {stage} | {cells} |")
     return "\n".join(lines)
 
 

@@ -93,9 +93,14 @@ def table(results: list[dict]) -> str:
             f"| {s['synthesize']['seconds']:.0f} | {s['distill']['seconds']:.0f} "
             f"| {sum(v['seconds'] for v in s.values()):.0f} | {max(v['peak_rss_mib'] for v in s.values()):.0f} MiB |"
         )
-    lines += ["", "| stage | " + " | ".join(f"seed {r['seed']} s (peak MiB)" for r in results) + " |",
-              "|---|" + "---:|" * len(results)]
-    for stage in STAGES:
+    return "\n".join(lines + ["", stage_table(results)])
+
+
+def stage_table(results: list[dict]) -> str:
+    """Each stage's wall seconds and peak memory, a column per seed."""
+    lines = ["| stage | " + " | ".join(f"seed {r['seed']} s (peak MiB)" for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    for stage in results[0]["stages"]:
         cells = " | ".join(
             f"{r['stages'][stage]['seconds']:.1f} ({r['stages'][stage]['peak_rss_mib']:.0f})" for r in results
         )

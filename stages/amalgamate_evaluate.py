@@ -7,24 +7,22 @@ ablation; the single 10-class teacher of the main pipeline (the reference, train
 sizes, FLOPs and the student's margin over the naive combination. Plus the student's confusion matrix.
 """
 
-import csv
 
 import mlflow
 import numpy as np
 import torch
 
 from dfkd.amalgamation import naive_combination
-from dfkd.checkpoint import atomic_path, load_classifier
+from dfkd.checkpoint import load_classifier
 from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count, per_class_accuracy
 from dfkd.export import onnx_logits, onnx_session
 from dfkd.models import LabelUnion
-from dfkd.plots import save_matrix
 from dfkd.train import predict
 from stages.amalgamate_export import ONNX_PATH
 from stages.amalgamate_student import TRAININGS
 from stages.amalgamate_teachers import TEACHERS, load_teachers
 from stages.common import MODELS, REPORTS, load_model_input, run, setup
-from stages.evaluate import write_json
+from stages.evaluate import write_confusion_reports, write_json
 from stages.params import ROOT, load_params
 from stages.tracking import stage_run
 
@@ -95,17 +93,7 @@ def main() -> None:
         matrix = confusion_matrix(predicted, labels.numpy(), students["group_stack"].config.num_classes)
         per_class = per_class_accuracy(matrix)
         write_json(METRICS, metrics)
-        with atomic_path(OUT / "confusion.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["actual", "predicted"])
-                writer.writerows(zip(labels.tolist(), predicted.tolist()))
-        with atomic_path(OUT / "per_class.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["class", "student_accuracy"])
-                writer.writerows(enumerate(per_class))
-        save_matrix(matrix, OUT / "confusion.png", "Amalgamated student on the real test split")
+        write_confusion_reports(OUT, labels.numpy(), predicted, matrix, "Amalgamated student on the real test split")
 
         headline = {
             "amalgamation_naive_accuracy": metrics["naive_combination"]["accuracy"],

@@ -7,6 +7,7 @@ confusion matrix (CSV for `dvc plots`, PNG) and per-class accuracy.
 
 import csv
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -41,6 +42,21 @@ CHECKPOINTS = {
 def write_json(path, payload) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_confusion_reports(out: Path, actual: np.ndarray, predicted: np.ndarray, matrix: np.ndarray, title: str) -> None:
+    """The student's confusion matrix as CSV (for `dvc plots`) and PNG, and its per-class accuracy."""
+    with atomic_path(out / "confusion.csv") as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["actual", "predicted"])
+            writer.writerows(zip(actual.tolist(), predicted.tolist()))
+    with atomic_path(out / "per_class.csv") as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "student_accuracy"])
+            writer.writerows(enumerate(per_class_accuracy(matrix)))
+    save_matrix(matrix, out / "confusion.png", title)
 
 
 def main() -> None:
@@ -82,17 +98,7 @@ def main() -> None:
         matrix = confusion_matrix(predictions["student"], labels_np, num_classes)
         per_class = per_class_accuracy(matrix)
         write_json(METRICS, metrics)
-        with atomic_path(OUT / "confusion.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["actual", "predicted"])
-                writer.writerows(zip(labels_np.tolist(), predictions["student"].tolist()))
-        with atomic_path(OUT / "per_class.csv") as tmp:
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["class", "student_accuracy"])
-                writer.writerows(enumerate(per_class))
-        save_matrix(matrix, OUT / "confusion.png", "Student on the real test split")
+        write_confusion_reports(OUT, labels_np, predictions["student"], matrix, "Student on the real test split")
 
         flat = {
             f"{name}_{key}": value
