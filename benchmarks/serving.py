@@ -221,8 +221,9 @@ def main() -> None:
                 for batch, concurrency, seconds in scenarios:
                     ours, theirs = bodies(classifier, batch)
                     body_file = Path(scratch) / f"{name.split()[0]}-batch{batch}.json"
-                    body_file.write_bytes(ours if name == "ours" else theirs)
-                    check_answer(server, body_file.read_bytes(), batch)
+                    body = ours if name == "ours" else theirs
+                    body_file.write_bytes(body)
+                    check_answer(server, body, batch)
                     result = load(server, body_file, batch, concurrency, seconds)
                     results.append(result)
                     print(
