@@ -7,7 +7,8 @@ teacher, and the two baselines follow the selected method's distillation recipe,
 compared with a floor and a ceiling distilled exactly as its own student is.
 
 Equal CPU time: the method whose synthesis + distillation took longer runs once more with its
-synthesis length (DAFL generator steps, ZSKD impressions) and its student steps scaled by the ratio
+synthesis length (DAFL generator steps, ZSKD impressions), its student steps and its transfer pool
+(if it draws one) scaled by the ratio
 of the faster method's time to its own, and its accuracy at that budget is reported with the time
 the scaled run really took (fixed costs such as process start do not scale).
 
@@ -55,6 +56,9 @@ def equal_time_run(root: Path, runs: dict, label: str) -> dict:
         f"synthesize.{slow}.{length}": max(1, round(getattr(getattr(params.synthesize, slow), length) * factor)),
         "distill.steps": max(1, round(params.distill.steps * factor)),
     }
+    pool_size = getattr(params.distill, slow).pool_size  # drawing the pool is part of distillation's time
+    if pool_size:
+        overrides[f"distill.{slow}.pool_size"] = max(1, round(pool_size * factor))
     apply_overrides(overrides, root / "params.yaml")
     # The baselines are not rerun: only the synthetic-data student is compared at equal time.
     stages = {stage: run_stage(root, stage, f"{label} {slow} scaled") for stage in ("synthesize", "distill", "export", "evaluate")}
@@ -138,7 +142,7 @@ def tables(results: list[dict]) -> str:
         )
     lines += [
         "",
-        "At equal CPU time: the slower method rerun with its synthesis length and student steps scaled to the "
+        "At equal CPU time: the slower method rerun with its synthesis length, student steps and pool scaled to the "
         "faster method's synthesis + distillation time.",
         "",
         "| seed | budget (the faster method's time) | rerun method | scaled to | took | its accuracy "

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dfkd.checkpoint import ResumeState
+from dfkd.data import PIXEL_MEAN, PIXEL_STD
 from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.synthesis import SynthesisError
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
@@ -19,6 +20,7 @@ from dfkd.synthesis.zskd import (
     save_figures,
     synthesize,
     to_teacher_input,
+    total_variation,
 )
 
 CPU = torch.device("cpu")
@@ -102,6 +104,23 @@ def test_impressions_move_the_teacher_towards_their_targets(noise):
         final = impression_loss(teacher(impressions.images), impressions.targets, config.temperature).mean()
         noise = impression_loss(teacher(to_teacher_input(torch.rand(40, 1, 32, 32))), impressions.targets, 20.0)
     assert final < noise.mean()
+
+
+def test_total_variation_prior_gives_smoother_impressions_that_still_reach_their_targets():
+    teacher = tiny_teacher()
+
+    def impressions_with(weight):
+        torch.manual_seed(2)  # the same targets and starting noise for both
+        config = ZSKDConfig(impressions=40, batch_size=40, steps=60, lr=0.05, noise="normal", total_variation_weight=weight)
+        return synthesize(teacher, config, CPU)
+
+    plain, smooth = impressions_with(0.0), impressions_with(2.0)
+    plain_tv, smooth_tv = (total_variation(i.images * PIXEL_STD + PIXEL_MEAN).mean() for i in (plain, smooth))
+    assert smooth_tv < 0.7 * plain_tv
+    with torch.no_grad():
+        start = impression_loss(teacher(to_teacher_input(torch.rand(40, 1, 32, 32))), smooth.targets, 20.0).mean()
+        reached = impression_loss(teacher(smooth.images), smooth.targets, 20.0).mean()
+    assert reached < start
 
 
 def test_impression_transfer_set_round_trips_through_a_weights_only_checkpoint(tmp_path):
