@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -46,10 +47,21 @@ AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
     f"amalgamation/dvc.yaml:amalgamate_{name}"
     for name in ("teachers", "generator", "group_stack", "end_to_end", "export", "evaluate")
 ]
-# variant -> (its stages, its metrics, its summary, the summary artifact's key)
+
+
+class Variant(NamedTuple):
+    stages: list[str]
+    load_metrics: Callable[[], dict]
+    summary_table: Callable[[dict], str]
+    artifact_key: str
+    gated: bool  # the quality gate guards the alias the service loads: the distillation student's
+
+
 VARIANTS = {
-    "distillation": (STAGES, load_metrics, summary_table, "pipeline-summary"),
-    "amalgamation": (AMALGAMATION_STAGES, load_amalgamation_metrics, amalgamation_table, "amalgamation-summary"),
+    "distillation": Variant(STAGES, load_metrics, summary_table, "pipeline-summary", gated=True),
+    "amalgamation": Variant(
+        AMALGAMATION_STAGES, load_amalgamation_metrics, amalgamation_table, "amalgamation-summary", gated=False
+    ),
 }
 
 
@@ -107,7 +119,7 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
     """Run every stage of the variant (the distillation pipeline, or the amalgamation one) and, for the
     distillation pipeline, the promotion gate; return the metrics of its evaluate stage with each
     stage's wall time (and the gate's outcome)."""
-    stages, load_variant_metrics, table, artifact_key = VARIANTS[variant]
+    chosen = VARIANTS[variant]
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
     experiment_id = configure(params.mlflow.experiment)
@@ -119,16 +131,17 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
     ).info.run_id
     status = "FAILED"
     try:
-        timings = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in stages}
-        # The gate guards the alias that the service loads: the distillation student's.
-        promotion = promote_student(parent) if variant == "distillation" else None
-        metrics = load_variant_metrics()
+        timings = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in chosen.stages}
+        promotion = promote_student(parent) if chosen.gated else None
+        metrics = chosen.load_metrics()
         metrics["stage_seconds"] = timings
         if promotion:
             metrics["promotion"] = promotion.report()
         for stage, seconds in timings.items():
             client.log_metric(parent, f"seconds_{stage}", seconds)
-        create_markdown_artifact(table(metrics), key=artifact_key, description=f"Results of the {variant} pipeline")
+        create_markdown_artifact(
+            chosen.summary_table(metrics), key=chosen.artifact_key, description=f"Results of the {variant} pipeline"
+        )
         status = "FINISHED"
         return metrics
     finally:
@@ -152,7 +165,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, default="distillation", help="which pipeline to run")
     args = parser.parse_args()
     metrics = pipeline(overrides=parse_overrides(args.set_param), variant=args.variant)
-    print("\n" + VARIANTS[args.variant][2](metrics))
+    print("\n" + VARIANTS[args.variant].summary_table(metrics))
 
 
 if __name__ == "__main__":

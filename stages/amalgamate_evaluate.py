@@ -14,7 +14,7 @@ import torch
 
 from dfkd.amalgamation import naive_combination
 from dfkd.checkpoint import load_classifier
-from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count, per_class_accuracy
+from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count
 from dfkd.export import onnx_logits, onnx_session
 from dfkd.models import LabelUnion
 from dfkd.train import predict
@@ -91,9 +91,8 @@ def main() -> None:
 
         predicted = predict(students["group_stack"], images, device).argmax(1).numpy()
         matrix = confusion_matrix(predicted, labels.numpy(), students["group_stack"].config.num_classes)
-        per_class = per_class_accuracy(matrix)
         write_json(METRICS, metrics)
-        write_confusion_reports(OUT, labels.numpy(), predicted, matrix, "Amalgamated student on the real test split")
+        per_class = write_confusion_reports(OUT, labels.numpy(), predicted, matrix, "Amalgamated student on the real test split")
 
         headline = {
             "amalgamation_naive_accuracy": metrics["naive_combination"]["accuracy"],

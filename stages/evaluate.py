@@ -44,8 +44,10 @@ def write_json(path, payload) -> None:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def write_confusion_reports(out: Path, actual: np.ndarray, predicted: np.ndarray, matrix: np.ndarray, title: str) -> None:
-    """The student's confusion matrix as CSV (for `dvc plots`) and PNG, and its per-class accuracy."""
+def write_confusion_reports(out: Path, actual: np.ndarray, predicted: np.ndarray, matrix: np.ndarray, title: str) -> list[float]:
+    """The student's confusion matrix as CSV (for `dvc plots`) and PNG, and its per-class accuracy,
+    which is returned (NaN for a class absent from `actual`)."""
+    per_class = per_class_accuracy(matrix)
     with atomic_path(out / "confusion.csv") as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -55,8 +57,9 @@ def write_confusion_reports(out: Path, actual: np.ndarray, predicted: np.ndarray
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "student_accuracy"])
-            writer.writerows(enumerate(per_class_accuracy(matrix)))
+            writer.writerows(enumerate(per_class))
     save_matrix(matrix, out / "confusion.png", title)
+    return per_class
 
 
 def main() -> None:
@@ -96,9 +99,8 @@ def main() -> None:
         metrics["student_above_noise"] = student["accuracy"] - metrics["baseline_noise"]["accuracy"]
 
         matrix = confusion_matrix(predictions["student"], labels_np, num_classes)
-        per_class = per_class_accuracy(matrix)
         write_json(METRICS, metrics)
-        write_confusion_reports(OUT, labels_np, predictions["student"], matrix, "Student on the real test split")
+        per_class = write_confusion_reports(OUT, labels_np, predictions["student"], matrix, "Student on the real test split")
 
         flat = {
             f"{name}_{key}": value

@@ -17,7 +17,7 @@ with prefect_test_harness(server_startup_timeout=180):
 
     variant = sys.argv[2] if len(sys.argv) > 2 else "distillation"
     state = pipeline(overrides=json.loads(sys.argv[1]), variant=variant, return_state=True)
-    summary = Artifact.get(VARIANTS[variant][3])
+    summary = Artifact.get(VARIANTS[variant].artifact_key)
     with get_client(sync_client=True) as client:
         task_runs = [(run.name, run.state_name) for run in client.read_task_runs()]
     print(json.dumps({"state": state.type.value, "summary": summary.data, "task_runs": task_runs}))
