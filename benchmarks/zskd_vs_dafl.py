@@ -54,7 +54,7 @@ def equal_time_run(root: Path, runs: dict, label: str) -> dict:
     overrides = {
         "synthesize.method": slow,
         f"synthesize.{slow}.{length}": max(1, round(getattr(getattr(params.synthesize, slow), length) * factor)),
-        "distill.steps": max(1, round(params.distill.steps * factor)),
+        f"distill.{slow}.steps": max(1, round(getattr(params.distill, slow).steps * factor)),
     }
     pool_size = getattr(params.distill, slow).pool_size  # drawing the pool is part of distillation's time
     if pool_size:

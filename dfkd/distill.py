@@ -21,7 +21,6 @@ class DistillSchedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(2000, gt=0)
     batch_size: int = Field(256, gt=0)
     lr: float = Field(2e-3, gt=0)  # the DAFL MNIST recipe's Adam rate, decayed to zero on a cosine
 
@@ -32,6 +31,7 @@ class TransferRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    steps: int = Field(2000, gt=0)  # student steps: how long the set keeps teaching differs by method
     temperature: float = Field(1.0, gt=0)  # DAFL distils at T=1; ZSKD at T=20
     # Random translation (pixels), rotation (degrees each way) and scaling (factor in [1 - s, 1 + s])
     # of each transfer image; teacher and student see the same transformed image, so the teacher

@@ -6,7 +6,7 @@ rerun with nothing changed finishes in seconds. Parameter overrides are applied 
 way `dvc exp run -S key=value` applies them, after validation, before any stage starts.
 
     python -m pipeline.flow                                   # run with params.yaml as it is
-    python -m pipeline.flow -S distill.steps=4000 -S seed=1   # with overrides
+    python -m pipeline.flow -S distill.dafl.steps=4000 -S seed=1   # with overrides
     python -m pipeline.flow --variant amalgamation            # the amalgamation pipeline (amalgamation/dvc.yaml)
 """
 
@@ -66,7 +66,7 @@ VARIANTS = {
 
 
 def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> None:
-    """Set dotted keys (`distill.steps`) in params.yaml, keeping its comments; the result is
+    """Set dotted keys (`distill.dafl.steps`) in params.yaml, keeping its comments; the result is
     validated before the file is replaced, so a bad override changes nothing."""
     if not overrides:
         return

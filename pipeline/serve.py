@@ -4,7 +4,7 @@ server (UI or CLI). Needs a running server: `prefect server start` in another te
 
     python -m pipeline.serve
     prefect deployment run 'data-free-distillation/dfkd-pipeline' \
-        --params '{"overrides": {"distill.steps": 4000, "seed": 1}}'
+        --params '{"overrides": {"distill.dafl.steps": 4000, "seed": 1}}'
     prefect deployment run 'data-free-distillation/dfkd-pipeline' --params '{"variant": "amalgamation"}'
 """
 
@@ -18,7 +18,7 @@ def main() -> None:
         name=DEPLOYMENT_NAME,
         parameters={"overrides": {}, "variant": "distillation"},
         description="Teacher, data-free synthesis, distillation, ONNX export and evaluation; "
-        "`overrides` takes params.yaml keys in dotted form, e.g. {'distill.steps': 4000}; "
+        "`overrides` takes params.yaml keys in dotted form, e.g. {'distill.dafl.steps': 4000}; "
         "`variant: amalgamation` runs the amalgamation pipeline (amalgamation/dvc.yaml) instead.",
     )
 

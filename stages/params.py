@@ -53,10 +53,10 @@ class SynthesizeParams(Strict):
 
 
 class DistillParams(DistillSchedule):
-    """The student's schedule, shared by every method, and per synthesis method the way the student
-    sees that method's transfer set (`distill.dafl`, `distill.zskd`). The distill stage and both
-    baselines use the recipe of `synthesize.method`, so switching the method switches the recipe
-    and the floor and ceiling stay comparable with the synthetic-data student."""
+    """The student's optimiser settings, shared by every method, and per synthesis method how long
+    and how the student sees that method's transfer set (`distill.dafl`, `distill.zskd`). The
+    distill stage and both baselines use the recipe of `synthesize.method`, so switching the method
+    switches the recipe and the floor and ceiling stay comparable with the synthetic-data student."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -15,7 +15,7 @@ from stages.params import ParamsError
 
 def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project):
     result = run(
-        [sys.executable, "tests/flow_in_harness.py", json.dumps({"distill.steps": 14})],
+        [sys.executable, "tests/flow_in_harness.py", json.dumps({"distill.dafl.steps": 14})],
         tiny_project,
         PYTHONPATH=str(tiny_project),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -28,7 +28,7 @@ def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project)
         assert row in summary
     # A few distillation steps cannot reach promote.min_accuracy: the gate keeps the student and says why.
     assert "NOT promoted; @champion is on no version yet" in summary and "below promote.min_accuracy" in summary
-    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["distill"]["steps"] == 14
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["distill"]["dafl"]["steps"] == 14
 
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
     client = MlflowClient()

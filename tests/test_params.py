@@ -18,14 +18,18 @@ def test_every_method_has_its_options_and_its_distillation_recipe():
         assert getattr(params.synthesize, method) and getattr(params.distill, method)
 
 
-def test_the_method_selects_the_distillation_recipe_with_the_shared_schedule():
+def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
     params = validate_params({
         "synthesize": {"method": "zskd"},
-        "distill": {"steps": 77, "dafl": {"temperature": 4.0}, "zskd": {"temperature": 20.0, "augment_rotation": 15}},
+        "distill": {
+            "lr": 0.01,
+            "dafl": {"steps": 77, "temperature": 4.0},
+            "zskd": {"steps": 88, "temperature": 20.0, "augment_rotation": 15},
+        },
     })
     zskd, dafl = params.distill.config("zskd"), params.distill.config("dafl")
-    assert (zskd.temperature, zskd.augment_rotation, zskd.steps) == (20.0, 15, 77)
-    assert (dafl.temperature, dafl.augment_rotation, dafl.steps) == (4.0, 0, 77)
+    assert (zskd.temperature, zskd.augment_rotation, zskd.steps, zskd.lr) == (20.0, 15, 88, 0.01)
+    assert (dafl.temperature, dafl.augment_rotation, dafl.steps, dafl.lr) == (4.0, 0, 77, 0.01)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +56,8 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_schedule():
             r"distill.temperature: unknown key: 'temperature' is set per synthesis method "
             r"\(distill.dafl.temperature and distill.zskd.temperature\)",
         ),
-        ({"distill": {"zskd": {"steps": 10}}}, r"distill.zskd.steps: unknown key: 'steps' is shared by every synthesis"),
+        ({"distill": {"zskd": {"lr": 0.1}}}, r"distill.zskd.lr: unknown key: 'lr' is shared by every synthesis"),
+        ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps and"),
         ({"distill": {"zskd": {"augment_scale": 1.5}}}, r"distill.zskd.augment_scale: Input should be less than 1"),
         ({"prepare": {"source": "idx"}}, r"prepare: Value error, source 'idx' needs idx_dir"),
         ({"device": "tpu"}, r"device: String should match pattern"),

@@ -71,7 +71,7 @@ def test_dvc_repro_reruns_only_what_a_change_affects(tiny_project):
     assert "Running stage" not in run([str(BIN / "dvc"), "repro", "--dry"], tiny_project).stdout
     params_file = tiny_project / "params.yaml"
     params = params_file.read_text()
-    apply_overrides({"distill.steps": load_params(params_file).distill.steps + 1}, params_file)
+    apply_overrides({"distill.dafl.steps": load_params(params_file).distill.dafl.steps + 1}, params_file)
     try:
         dry = run([str(BIN / "dvc"), "repro", "--dry"], tiny_project).stdout
     finally:
