@@ -49,14 +49,14 @@ def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project)
 
 def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     params = tmp_path / "params.yaml"
-    original = "# comment kept\ndistill:\n  steps: 10  # inline comment\n  lr: 0.002\n"
+    original = "# comment kept\ndistill:\n  lr: 0.002\n  dafl:\n    steps: 10  # inline comment\n"
     params.write_text(original)
     with pytest.raises(ParamsError, match=r"distill.lr: Input should be greater than 0"):
         apply_overrides({"distill.lr": -1.0}, params)
     assert params.read_text() == original
     with pytest.raises(ParamsError, match="params.yaml has no section 'nowhere'"):
         apply_overrides({"nowhere.steps": 1}, params)
-    apply_overrides(parse_overrides(["distill.steps=30"]), params)
+    apply_overrides(parse_overrides(["distill.dafl.steps=30"]), params)
     assert "steps: 30  # inline comment" in params.read_text() and "# comment kept" in params.read_text()
 
 
