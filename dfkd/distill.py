@@ -26,8 +26,8 @@ class DistillSchedule(BaseModel):
 
 
 class TransferRecipe(BaseModel):
-    """How the student sees the transfer set: what suits one synthesis method's images and not
-    another's (a generator's endless fresh samples, or a few thousand fixed data impressions)."""
+    """How long and how the student sees the transfer set: what suits one synthesis method's images
+    and not another's (a generator's endless fresh samples, or a few thousand fixed impressions)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
