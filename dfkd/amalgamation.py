@@ -5,7 +5,12 @@ classes, into one compact multi-branch student (the TargetNet, dfkd/models.py), 
    activation and information-entropy losses per teacher, averaged, plus the information entropy
    of the combined prediction over the union of labels, so the images cover every teacher's classes
    in balance.
-2. Group-stack training of the TargetNet on those images: its trunk block by block (each block,
+   Not in the paper: "conflict images" join them (`synthesize_conflicts`), each optimised from noise
+   until every teacher takes it for one of its own classes. Real digits of one teacher's classes
+   often look like another's to that other teacher (a 9 is a 4 to the 0-4 teacher); the generator
+   makes few such images, and without them the student cannot learn which teacher to believe.
+2. Group-stack training of the TargetNet on those images, starting from the teachers' own weights
+   (`start_from_teachers`): its trunk block by block (each block,
    on top of the blocks already trained, reproduces every teacher's features at that depth through
    a 1x1 adapter per teacher that is dropped afterwards), then its heads on the teachers' outputs,
    then everything end to end. The ablation trains the same network end to end only.
@@ -28,8 +33,9 @@ from dfkd.checkpoint import ResumeState
 from dfkd.distill import draw_pool
 from dfkd.losses import information_entropy_loss, kd_loss
 from dfkd.models import LabelUnion, LeNet5, TargetNet
-from dfkd.synthesis import TransferSet
+from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
+from dfkd.synthesis.zskd import initial_pixels, to_teacher_input, total_variation
 
 
 class AmalgamationError(ValueError):
@@ -99,6 +105,64 @@ def synthesize(
     return train_generator(generator_loss, image_shape, config, device, on_step, resume)
 
 
+class ConflictConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: int = Field(2500, gt=0)
+    batch_size: int = Field(1000, gt=0)  # optimised together
+    steps: int = Field(200, gt=0)  # Adam steps per batch
+    lr: float = Field(0.01, gt=0)  # Adam, on pixel intensities in [0, 1]
+    total_variation_weight: float = Field(0.5, ge=0)  # smoothness prior, as for ZSKD's impressions
+
+
+def synthesize_conflicts(
+    teachers: list[LeNet5],
+    config: ConflictConfig,
+    device: torch.device,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> FixedImages:
+    """Images that every teacher takes for one of its own classes, each teacher's class drawn at
+    random per image: optimised from noise (frozen teachers, eval mode), a batch at a time; a killed
+    run resumes after its last finished batch. Which teacher is right is left to the teachers'
+    outputs on them, as on any transfer image."""
+    teachers = [teacher.to(device).eval() for teacher in teachers]
+    first = teachers[0].config
+    shape = (first.in_channels, first.image_size, first.image_size)
+    # Drawn before any resume: the same seed gives the same classes, so a resumed run keeps them.
+    wanted = [torch.randint(teacher.config.num_classes, (config.images,)) for teacher in teachers]
+    images = torch.empty(config.images, *shape)
+
+    saved = resume.restore() if resume else {"step": 0}
+    done = saved.get("done", 0)
+    images[:done] = saved.get("images", images[:0])
+    step = saved["step"]
+    progress = tqdm(total=-(-config.images // config.batch_size) * config.steps, initial=step, desc="conflict images")
+    for start in range(done, config.images, config.batch_size):
+        batch = [classes[start : start + config.batch_size].to(device) for classes in wanted]
+        pixels = initial_pixels("normal", len(batch[0]), shape, device).requires_grad_()
+        optimizer = torch.optim.Adam([pixels], lr=config.lr)
+        for _ in range(config.steps):
+            inputs = to_teacher_input(pixels)
+            disagreement = sum(F.cross_entropy(teacher(inputs), classes) for teacher, classes in zip(teachers, batch))
+            loss = disagreement + config.total_variation_weight * total_variation(pixels).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)  # conflict images stay valid images
+            step += 1
+            progress.update()
+            if on_step:
+                on_step(step, {"loss": disagreement.item() / len(teachers)})
+        images[start : start + len(batch[0])] = to_teacher_input(pixels.detach()).cpu()
+        done = start + len(batch[0])
+        if resume:
+            resume.save(step, extra={"done": done, "images": images[:done].clone()})
+    progress.close()
+    return FixedImages(images)
+
+
 class StudentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,6 +176,10 @@ class StudentConfig(BaseModel):
     temperature: float = Field(4.0, gt=0)
     pool_size: int = Field(49152, ge=0)  # generated images drawn once and reused; 0: fresh every step
     augment_shift: float = Field(2.0, ge=0)  # random shift, pixels; the teachers see the shifted image
+    # The trunk starts as the first teacher's conv layers and head i as teacher i's classifier, rather
+    # than at random: weights learnt on real images generalise to them better than any learnt on
+    # synthetic ones. Needs teachers of the TargetNet's own LeNet-5 width.
+    start_from_teachers: bool = True
 
     def phases(self, group_stack: bool, blocks: int) -> list[tuple[str, int]]:
         if not group_stack:
@@ -120,6 +188,21 @@ class StudentConfig(BaseModel):
             ("heads", self.head_steps),
             ("end_to_end", self.end_to_end_steps),
         ]
+
+
+def copy_teacher_weights(student: TargetNet, teachers: list[LeNet5]) -> None:
+    """The trunk from the first teacher's conv layers, head i from teacher i's fully connected ones."""
+    convs = [layer for layer in teachers[0].features if isinstance(layer, nn.Conv2d)]
+    pairs = [(block[0], conv) for block, conv in zip(student.blocks, convs)]
+    for head, teacher in zip(student.heads, teachers):
+        pairs += [(head[0], teacher.hidden[0]), (head[2], teacher.classifier)]
+    for mine, theirs in pairs:
+        if mine.weight.shape != theirs.weight.shape:
+            raise AmalgamationError(
+                f"cannot start the student from the teachers: a layer of {tuple(mine.weight.shape)} against the "
+                f"teacher's {tuple(theirs.weight.shape)}; use teachers of the student's width or turn start_from_teachers off"
+            )
+        mine.load_state_dict(theirs.state_dict())
 
 
 def feature_adapters(student: TargetNet, teachers: list[LeNet5]) -> nn.ModuleList:
@@ -173,6 +256,8 @@ def amalgamate(
     The student of the last step is the result: no real data is there to pick another.
     """
     teachers = [teacher.to(device).eval() for teacher in teachers]
+    if config.start_from_teachers:
+        copy_teacher_weights(student, teachers)
     adapters = feature_adapters(student, teachers).to(device)
     student = student.to(device)
     union = student.union

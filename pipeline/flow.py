@@ -45,7 +45,7 @@ STAGES = [
 # The amalgamation pipeline: the main pipeline's splits and teacher (its reference), then its own file.
 AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
     f"amalgamation/dvc.yaml:amalgamate_{name}"
-    for name in ("teachers", "generator", "group_stack", "end_to_end", "export", "evaluate")
+    for name in ("teachers", "generator", "conflicts", "group_stack", "end_to_end", "export", "evaluate")
 ]
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
 
-from dfkd.amalgamation import GeneratorConfig, StudentConfig
+from dfkd.amalgamation import ConflictConfig, GeneratorConfig, StudentConfig
 from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.synthesis.dafl import DAFLConfig
 from dfkd.synthesis.zskd import ZSKDConfig
@@ -104,6 +104,18 @@ class TeacherParams(Strict):
 
 class AmalgamateStudentParams(StudentConfig):
     width: float = Field(1.0, gt=0, le=1)  # of the TargetNet's LeNet-5 trunk and heads
+    # Of each batch, the share drawn from the conflict images, the rest from the generator; 0 trains
+    # on generated images alone, as the paper does.
+    conflict_share: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def check_start(self):
+        if self.start_from_teachers and self.width != 1.0:
+            raise ValueError(
+                f"width {self.width} cannot start from the teachers' weights (LeNet-5, width 1.0): "
+                "set start_from_teachers: false or width: 1.0"
+            )
+        return self
 
 
 class AmalgamateParams(Strict):
@@ -114,6 +126,7 @@ class AmalgamateParams(Strict):
     }
     shared_classes: list[int] = []  # labels that more than one teacher predicts, on purpose
     generator: GeneratorConfig = GeneratorConfig()
+    conflicts: ConflictConfig = ConflictConfig()
     student: AmalgamateStudentParams = AmalgamateStudentParams()
     registered_model: str = Field("dfkd-amalgamated-student", min_length=1)
 

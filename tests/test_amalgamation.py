@@ -7,20 +7,23 @@ import torch
 
 from dfkd.amalgamation import (
     AmalgamationError,
+    ConflictConfig,
     GeneratorConfig,
     StudentConfig,
     amalgamate,
     check_teachers,
+    copy_teacher_weights,
     feature_adapters,
     generator_losses,
     naive_combination,
     synthesize,
+    synthesize_conflicts,
 )
 from dfkd.checkpoint import ResumeState, load_classifier, save_classifier
 from dfkd.export import check_parity, export_onnx, onnx_logits, onnx_session
 from dfkd.losses import information_entropy_loss
 from dfkd.models import ArchitectureConfig, LabelUnion, LeNet5, TargetNet, TargetNetConfig
-from dfkd.synthesis import GaussianNoise
+from dfkd.synthesis import FixedImages, GaussianNoise, Mixture
 from dfkd.synthesis.dafl import dafl_losses
 
 HALVES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
@@ -94,6 +97,15 @@ def test_generator_trains_against_all_teachers():
     assert transfer_set.sample(8).shape == (8, 1, 32, 32)
 
 
+def test_a_mixture_draws_each_batch_in_the_given_shares():
+    ones, zeros = FixedImages(torch.ones(3, 1, 2, 2)), FixedImages(torch.zeros(3, 1, 2, 2))
+    batch = Mixture([ones, zeros], [0.75, 0.25]).sample(8)
+    assert batch.shape == (8, 1, 2, 2) and batch.sum() == 6 * 4
+    assert Mixture([ones, zeros], [1.0, 0.0]).sample(5).sum() == 5 * 4  # a zero share is never drawn from
+    with pytest.raises(ValueError, match="one non-negative share per transfer set"):
+        Mixture([ones, zeros], [0.5])
+
+
 def test_teachers_of_other_input_shapes_or_output_counts_are_named():
     good = LeNet5(ArchitectureConfig(num_classes=5))
     colour = LeNet5(ArchitectureConfig(in_channels=3, num_classes=5))
@@ -114,7 +126,69 @@ def test_feature_adapters_map_the_student_to_each_teacher():
             assert adapters[b][t](block).shape == teacher.forward_blocks(images)[1][b].shape
 
 
-TINY = StudentConfig(block_steps=2, head_steps=2, end_to_end_steps=3, batch_size=8, pool_size=0, augment_shift=1.0)
+TINY = StudentConfig(block_steps=2, head_steps=2, end_to_end_steps=3, batch_size=8, pool_size=0, augment_shift=1.0,
+                     start_from_teachers=False)
+
+
+def test_student_starts_as_the_teachers():
+    teachers = half_teachers()
+    student = TargetNet(TargetNetConfig(groups=HALVES))
+    copy_teacher_weights(student, teachers)
+    images = torch.randn(4, 1, 32, 32)
+    blocks, heads, _ = student.forward_all(images)
+    assert torch.allclose(heads[0], teachers[0](images))  # the first teacher's trunk and head: that teacher
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(blocks, teachers[0].forward_blocks(images)[1]))
+    assert torch.equal(student.heads[1][2].weight, teachers[1].classifier.weight)
+
+
+def test_student_of_another_width_cannot_start_as_the_teachers():
+    student = TargetNet(TargetNetConfig(groups=HALVES, width=0.5))
+    with pytest.raises(AmalgamationError, match=r"\(3, 1, 5, 5\) against the teacher's \(6, 1, 5, 5\).*start_from_teachers"):
+        copy_teacher_weights(student, half_teachers())
+
+
+def trained_teachers() -> list[LeNet5]:
+    """Teachers that tell their classes apart: each fitted to a few fixed images per class."""
+    torch.manual_seed(0)
+    images, teachers = torch.randn(10, 1, 32, 32), half_teachers()
+    for teacher, group in zip(teachers, HALVES):
+        optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+        for _ in range(30):
+            loss = torch.nn.functional.cross_entropy(teacher(images[list(group)]), torch.arange(5))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return [teacher.eval() for teacher in teachers]
+
+
+def test_conflict_images_are_claimed_by_every_teacher():
+    teachers = trained_teachers()
+    config = ConflictConfig(images=40, batch_size=20, steps=60, lr=0.05)
+    torch.manual_seed(0)
+    conflicts = synthesize_conflicts(teachers, config, CPU)
+    assert conflicts.images.shape == (40, 1, 32, 32)
+    with torch.no_grad():  # each teacher is sure of one of its classes: the images are claimed by both
+        confidence = [torch.softmax(teacher(conflicts.images), dim=1).max(dim=1).values for teacher in teachers]
+    assert all(c.mean() > 0.9 for c in confidence)
+
+
+def test_interrupted_conflict_synthesis_resumes_to_the_same_images(tmp_path):
+    teachers, config = half_teachers(), ConflictConfig(images=6, batch_size=2, steps=3)
+    torch.manual_seed(0)
+    unbroken = synthesize_conflicts(teachers, config, CPU).images
+
+    def kill_in_second_batch(step, metrics):
+        if step == 5:
+            raise Killed
+
+    resume = ResumeState(tmp_path / "conflicts.pt", {"images": 6}, every=1)
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        synthesize_conflicts(teachers, config, CPU, on_step=kill_in_second_batch, resume=resume)
+    torch.manual_seed(0)
+    resumed = synthesize_conflicts(teachers, config, CPU, resume=resume).images
+    assert torch.equal(resumed[:2], unbroken[:2])  # the batch finished before the kill is kept as it was
+    assert resumed.shape == unbroken.shape and torch.isfinite(resumed).all()
 
 
 def test_group_stack_trains_one_block_at_a_time_then_the_heads():

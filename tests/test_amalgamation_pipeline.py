@@ -23,6 +23,7 @@ TINY_AMALGAMATION = merge(
     {
         "amalgamate": {
             "generator": {"steps": 6, "batch_size": 32, "generator_width": 8},
+            "conflicts": {"images": 24, "batch_size": 12, "steps": 3},
             "student": {"block_steps": 2, "head_steps": 2, "end_to_end_steps": 4, "batch_size": 32, "pool_size": 128},
         }
     },
@@ -52,7 +53,7 @@ def test_repro_writes_every_figure_of_the_comparison(project):
     assert abs(student["onnx_accuracy"] - student["accuracy"]) <= 0.002
     assert set(student["head_own_class_accuracy"]) == {"digits_0_4", "digits_5_9"}
     assert "student_above_naive" in run([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout
-    for report in ("generator/samples.png", "evaluate/confusion.png", "group_stack/curve.png", "teachers/digits_0_4_curve.png"):
+    for report in ("generator/samples.png", "conflicts/samples.png", "evaluate/confusion.png", "group_stack/curve.png", "teachers/digits_0_4_curve.png"):
         assert (project / "reports/amalgamation" / report).read_bytes().startswith(b"\x89PNG")
 
 

@@ -104,6 +104,10 @@ def teachers(**classes) -> dict:
             r"amalgamate.teachers.a.checkpoint: String should match pattern",
         ),
         ({"amalgamate": {"student": {"block_steps": 0}}}, r"amalgamate.student.block_steps: Input should be greater than 0"),
+        (
+            {"amalgamate": {"student": {"width": 0.5}}},
+            r"amalgamate.student: Value error, width 0.5 cannot start from the teachers' weights .*start_from_teachers: false",
+        ),
     ],
 )
 def test_invalid_amalgamation_params_name_the_teacher_and_the_problem(raw, expected):

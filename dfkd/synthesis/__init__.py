@@ -37,3 +37,18 @@ class FixedImages:
 
     def sample(self, batch_size: int) -> torch.Tensor:
         return self.images[torch.randint(len(self.images), (batch_size,))]
+
+
+class Mixture:
+    """Each batch drawn from several transfer sets, a fixed share of it from each."""
+
+    def __init__(self, transfer_sets: list[TransferSet], shares: list[float]):
+        if len(transfer_sets) != len(shares) or min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"need one non-negative share per transfer set, not all zero; got {shares}")
+        self.transfer_sets = transfer_sets
+        self.shares = [share / sum(shares) for share in shares]
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        bounds = [0] + [round(batch_size * sum(self.shares[: i + 1])) for i in range(len(self.shares))]
+        parts = [source.sample(end - start) for source, start, end in zip(self.transfer_sets, bounds, bounds[1:]) if end > start]
+        return torch.cat([part.to(parts[0].device) for part in parts])
