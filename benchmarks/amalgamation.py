@@ -102,7 +102,8 @@ def main() -> None:
         "(`dvc repro --single-item`, one process per stage, the main pipeline's `prepare` and `train_teacher`",
         "included) with the default `params.yaml`: teachers " + ", ".join(f"{n} {t['classes']}" for n, t in m["teachers"].items()) + ".",
         "Accuracies on the real 1,000-image test split, all ten classes except each teacher's own column;",
-        "the students never saw real data. Wall time includes process start and MLflow logging.",
+        "the students never saw real data (they start from the teachers' weights and learn on the generator's",
+        "and the conflict images). Wall time includes process start and MLflow logging.",
         "",
         table(results),
     ])
