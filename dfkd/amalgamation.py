@@ -35,7 +35,7 @@ from dfkd.losses import information_entropy_loss, kd_loss
 from dfkd.models import LabelUnion, LeNet5, TargetNet
 from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
-from dfkd.synthesis.zskd import initial_pixels, to_teacher_input, total_variation
+from dfkd.synthesis.zskd import initial_pixels, optimise_images, to_teacher_input, total_variation
 
 
 class AmalgamationError(ValueError):
@@ -130,36 +130,15 @@ def synthesize_conflicts(
     first = teachers[0].config
     shape = (first.in_channels, first.image_size, first.image_size)
     # Drawn before any resume: the same seed gives the same classes, so a resumed run keeps them.
-    wanted = [torch.randint(teacher.config.num_classes, (config.images,)) for teacher in teachers]
-    images = torch.empty(config.images, *shape)
+    wanted = [torch.randint(teacher.config.num_classes, (config.images,)).to(device) for teacher in teachers]
 
-    saved = resume.restore() if resume else {"step": 0}
-    done = saved.get("done", 0)
-    images[:done] = saved.get("images", images[:0])
-    step = saved["step"]
-    progress = tqdm(total=-(-config.images // config.batch_size) * config.steps, initial=step, desc="conflict images")
-    for start in range(done, config.images, config.batch_size):
-        batch = [classes[start : start + config.batch_size].to(device) for classes in wanted]
-        pixels = initial_pixels("normal", len(batch[0]), shape, device).requires_grad_()
-        optimizer = torch.optim.Adam([pixels], lr=config.lr)
-        for _ in range(config.steps):
-            inputs = to_teacher_input(pixels)
-            disagreement = sum(F.cross_entropy(teacher(inputs), classes) for teacher, classes in zip(teachers, batch))
-            loss = disagreement + config.total_variation_weight * total_variation(pixels).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                pixels.clamp_(0, 1)  # conflict images stay valid images
-            step += 1
-            progress.update()
-            if on_step:
-                on_step(step, {"loss": disagreement.item() / len(teachers)})
-        images[start : start + len(batch[0])] = to_teacher_input(pixels.detach()).cpu()
-        done = start + len(batch[0])
-        if resume:
-            resume.save(step, extra={"done": done, "images": images[:done].clone()})
-    progress.close()
+    def batch_loss(pixels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = to_teacher_input(pixels)
+        disagreement = sum(F.cross_entropy(teacher(inputs), classes[rows]) for teacher, classes in zip(teachers, wanted))
+        return disagreement + config.total_variation_weight * total_variation(pixels).mean(), disagreement / len(teachers)
+
+    images = optimise_images(batch_loss, lambda count: initial_pixels("normal", count, shape, device), config.images,
+                             config.batch_size, config.steps, config.lr, "conflict images", on_step, resume)
     return FixedImages(images)
 
 

@@ -137,6 +137,49 @@ class ImpressionTransferSet(FixedImages):
         return cls(images, payload["targets"], payload["classes"], payload["scales"], payload["similarity"])
 
 
+def optimise_images(
+    batch_loss: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
+    start_pixels: Callable[[int], torch.Tensor],
+    count: int,
+    batch_size: int,
+    steps: int,
+    lr: float,
+    description: str,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumeState | None = None,
+) -> torch.Tensor:
+    """`count` images optimised `batch_size` at a time, each batch from `start_pixels(n)` by `steps`
+    Adam steps on pixel intensities kept in [0, 1]. `batch_loss(pixels, rows)`, where `rows` is the
+    batch's slice of the `count` images, gives the loss to minimise and the figure to log. Returns
+    the images in the teacher's input space; a killed run resumes after its last finished batch."""
+    saved = resume.restore() if resume else {"step": 0}
+    done = saved.get("done", 0)
+    images = None if done == 0 else saved["images"]
+    step = saved["step"]
+    progress = tqdm(total=-(-count // batch_size) * steps, initial=step, desc=description)
+    for start in range(done, count, batch_size):
+        rows = slice(start, min(start + batch_size, count))
+        pixels = start_pixels(rows.stop - rows.start).requires_grad_()
+        optimizer = torch.optim.Adam([pixels], lr=lr)
+        for _ in range(steps):
+            loss, logged = batch_loss(pixels, rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)  # the images stay valid images
+            step += 1
+            progress.update()
+            if on_step:
+                on_step(step, {"loss": logged.item()})
+        batch = to_teacher_input(pixels.detach()).cpu()
+        images = batch if images is None else torch.cat([images, batch])
+        if resume:
+            resume.save(step, extra={"done": rows.stop, "images": images})
+    progress.close()
+    return images
+
+
 def synthesize(
     teacher: LeNet5,
     config: ZSKDConfig,
@@ -152,35 +195,18 @@ def synthesize(
     # Drawn before any resume: the same seed gives the same targets, so a resumed run keeps them.
     targets, classes, scales = sample_targets(similarity, config.impressions, config.scales)
     shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
-    images = torch.empty(config.impressions, *shape)
+    device_targets = targets.to(device)
 
-    saved = resume.restore() if resume else {"step": 0}
-    done = saved.get("done", 0)
-    images[:done] = saved.get("images", images[:0])
-    step = saved["step"]
-    progress = tqdm(total=-(-config.impressions // config.batch_size) * config.steps, initial=step, desc="ZSKD impressions")
-    for start in range(done, config.impressions, config.batch_size):
-        batch_targets = targets[start : start + config.batch_size].to(device)
-        pixels = initial_pixels(config.noise, len(batch_targets), shape, device)
-        pixels = pixels.contiguous(memory_format=torch.channels_last).requires_grad_()
-        optimizer = torch.optim.Adam([pixels], lr=config.lr)
-        for _ in range(config.steps):
-            losses = impression_loss(teacher(to_teacher_input(pixels)), batch_targets, config.temperature)
-            prior = config.total_variation_weight * total_variation(pixels)
-            optimizer.zero_grad(set_to_none=True)
-            (losses + prior).mean().backward()
-            optimizer.step()
-            with torch.no_grad():
-                pixels.clamp_(0, 1)  # impressions stay valid images
-            step += 1
-            progress.update()
-            if on_step:
-                on_step(step, {"loss": losses.mean().item()})
-        images[start : start + len(batch_targets)] = to_teacher_input(pixels.detach()).cpu()
-        done = start + len(batch_targets)
-        if resume:
-            resume.save(step, extra={"done": done, "images": images[:done].clone()})
-    progress.close()
+    def start_pixels(count: int) -> torch.Tensor:
+        return initial_pixels(config.noise, count, shape, device).contiguous(memory_format=torch.channels_last)
+
+    def batch_loss(pixels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = impression_loss(teacher(to_teacher_input(pixels)), device_targets[rows], config.temperature)
+        prior = config.total_variation_weight * total_variation(pixels)
+        return (losses + prior).mean(), losses.mean()
+
+    images = optimise_images(batch_loss, start_pixels, config.impressions, config.batch_size, config.steps,
+                             config.lr, "ZSKD impressions", on_step, resume)
     return ImpressionTransferSet(images, targets, classes, scales, similarity)
 
 
