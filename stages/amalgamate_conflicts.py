@@ -38,12 +38,13 @@ def main() -> None:
         save_checkpoint(CONFLICTS, {"kind": "conflict_images", "images": conflicts.images,
                                     "metadata": {"seed": params.seed, "teachers": list(teachers)}})
 
+        union = LabelUnion(groups)
         with torch.no_grad():  # which teacher wins each image, by the combined prediction
             logits = [teacher.to(device)(conflicts.images.to(device)).cpu() for teacher in teachers.values()]
-            predicted = LabelUnion(groups)(logits).argmax(dim=1)
+            predicted = union(logits).argmax(dim=1)
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", "Conflict images: each teacher's cross-entropy")
-        save_class_grid(conflicts.images, predicted, int(predicted.max()) + 1, OUT / "samples.png",
+        save_class_grid(conflicts.images, predicted, union.num_classes, OUT / "samples.png",
                         title="Conflict images by the teachers' combined prediction (count)")
         mlflow.log_artifact(str(CONFLICTS), "checkpoint")
         mlflow.log_artifacts(str(OUT), "reports")
