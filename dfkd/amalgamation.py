@@ -12,7 +12,8 @@ classes, into one compact multi-branch student (the TargetNet, dfkd/models.py), 
 2. Group-stack training of the TargetNet on those images, starting from the teachers' own weights
    (`start_from_teachers`): its trunk block by block (each block,
    on top of the blocks already trained, reproduces every teacher's features at that depth through
-   a 1x1 adapter per teacher that is dropped afterwards), then its heads on the teachers' outputs,
+   a 1x1 adapter per teacher that is dropped afterwards; the phase starts with the adapters fitted
+   by least squares, `fit_adapters`), then its heads on the teachers' outputs,
    then everything end to end. The ablation trains the same network end to end only.
 
 The teachers' outputs are combined over the union of their labels with `LabelUnion`: a softmax over
@@ -36,6 +37,8 @@ from dfkd.models import LabelUnion, LeNet5, TargetNet
 from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
 from dfkd.synthesis.zskd import initial_pixels, optimise_images, to_teacher_input, total_variation
+
+ADAPTER_FIT_IMAGES = 2048  # transfer-set images the adapters are fitted on at the start of each block phase
 
 
 class AmalgamationError(ValueError):
@@ -200,6 +203,25 @@ def feature_adapters(student: TargetNet, teachers: list[LeNet5]) -> nn.ModuleLis
     return adapters
 
 
+@torch.no_grad()
+def fit_adapters(adapters: nn.ModuleList, student_block: torch.Tensor, teacher_blocks: list[torch.Tensor]) -> None:
+    """Set each adapter to the ridge least-squares map from the student's block output to its teacher's.
+
+    A block phase then starts from the best adapters for the block as it is: random ones would first
+    push a block that starts as a teacher's away from what it knows."""
+    def rows(features: torch.Tensor) -> torch.Tensor:  # a row per pixel of a conv map, per image if flat
+        return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+    inputs = rows(student_block)
+    inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)  # the bias
+    ridge = 1e-3 * len(inputs) * torch.eye(inputs.shape[1], device=inputs.device)
+    gram = inputs.T @ inputs + ridge
+    for adapter, target in zip(adapters, teacher_blocks):
+        solution = torch.linalg.solve(gram, inputs.T @ rows(target))
+        adapter.weight.copy_(solution[:-1].T.reshape(adapter.weight.shape))
+        adapter.bias.copy_(solution[-1])
+
+
 def feature_loss(student_block: torch.Tensor, adapters: nn.ModuleList, teacher_blocks: list[torch.Tensor]) -> torch.Tensor:
     """Mean over teachers of the adapted student features' squared error, relative to the teacher's
     feature energy, so every teacher and every depth weighs the same."""
@@ -268,6 +290,12 @@ def amalgamate(
         if saved.get("phase") == phase:
             optimizer.load_state_dict(saved["optimizer"])
             schedule.load_state_dict(saved["schedule"])
+        elif phase.startswith("block"):
+            with torch.no_grad():
+                images = random_affine(transfer_set.sample(ADAPTER_FIT_IMAGES).to(device), config.augment_shift)
+                student_block = student.forward_all(images)[0][depth]
+                teacher_blocks = [teacher.forward_blocks(images)[1][depth] for teacher in teachers]
+            fit_adapters(adapters[depth], student_block, teacher_blocks)
 
         student.train()
         for step in range(max(saved["step"], phase_start) + 1, phase_end + 1):

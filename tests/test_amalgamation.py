@@ -14,6 +14,7 @@ from dfkd.amalgamation import (
     check_teachers,
     copy_teacher_weights,
     feature_adapters,
+    fit_adapters,
     generator_losses,
     naive_combination,
     synthesize,
@@ -124,6 +125,18 @@ def test_feature_adapters_map_the_student_to_each_teacher():
     for b, block in enumerate(student_blocks):
         for t, teacher in enumerate(teachers):
             assert adapters[b][t](block).shape == teacher.forward_blocks(images)[1][b].shape
+
+
+
+def test_fitted_adapters_recover_a_linear_map_of_the_student_features():
+    torch.manual_seed(0)
+    student_maps, student_flat = torch.randn(64, 6, 5, 5), torch.randn(4000, 12)
+    truth_maps, truth_flat = torch.nn.Conv2d(6, 4, kernel_size=1), torch.nn.Linear(12, 3)
+    for student_block, truth, adapter in ((student_maps, truth_maps, torch.nn.Conv2d(6, 4, kernel_size=1)),
+                                          (student_flat, truth_flat, torch.nn.Linear(12, 3))):
+        fit_adapters(torch.nn.ModuleList([adapter]), student_block, [truth(student_block)])
+        assert torch.allclose(adapter.weight, truth.weight, atol=1e-2)
+        assert torch.allclose(adapter.bias, truth.bias, atol=1e-2)
 
 
 TINY = StudentConfig(block_steps=2, head_steps=2, end_to_end_steps=3, batch_size=8, pool_size=0, augment_shift=1.0,
