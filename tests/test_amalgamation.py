@@ -127,7 +127,6 @@ def test_feature_adapters_map_the_student_to_each_teacher():
             assert adapters[b][t](block).shape == teacher.forward_blocks(images)[1][b].shape
 
 
-
 def test_fitted_adapters_recover_a_linear_map_of_the_student_features():
     torch.manual_seed(0)
     student_maps, student_flat = torch.randn(64, 6, 5, 5), torch.randn(4000, 12)
