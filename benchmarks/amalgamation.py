@@ -28,7 +28,8 @@ from pipeline.flow import AMALGAMATION_STAGES  # noqa: E402
 # (metrics key, column) of the models evaluated on all ten classes
 MODELS = [
     ("naive_combination", "naive combination"),
-    ("teachers_label_union", "teachers' label union (what the student imitates)"),
+    ("teachers_raw_label_union", "teachers' label union, raw logits"),
+    ("teachers_label_union", "teachers' label union, offset logits (what the student imitates)"),
     ("student_end_to_end", "ablation: end to end only"),
     ("student", "group-stack student"),
     ("reference", "reference: one 10-class teacher"),

@@ -17,8 +17,9 @@ classes, into one compact multi-branch student (the TargetNet, dfkd/models.py), 
    then everything end to end. The ablation trains the same network end to end only.
 
 The teachers' outputs are combined over the union of their labels with `LabelUnion`: a softmax over
-all their logits side by side. The baseline it is compared with, `naive_combination`, lets the
-more confident teacher decide.
+all their logits side by side, each teacher's logits first lowered by its offset (`teacher_offsets`,
+measured on the conflict images) so that no teacher outbids the others by the arbitrary level of its
+logits. The baseline it is compared with, `naive_combination`, lets the more confident teacher decide.
 """
 
 from collections.abc import Callable
@@ -145,6 +146,22 @@ def synthesize_conflicts(
     return FixedImages(images)
 
 
+@torch.no_grad()
+def teacher_offsets(teachers: list[LeNet5], images: torch.Tensor) -> list[float]:
+    """Each teacher's mean log-partition (log-sum-exp of its logits) on `images` that every teacher
+    claims as its own (the conflict images), to subtract from its logits before the label union.
+
+    A softmax does not change when one constant is added to all of a classifier's logits, so the
+    levels of separately trained teachers' logits are arbitrary against one another; the union
+    compares them directly and would favour whichever teacher happens to sit highest. Lowered by
+    these offsets, the teachers stand level where they all claim an image."""
+    return [torch.logsumexp(teacher.eval()(images), dim=1).mean().item() for teacher in teachers]
+
+
+def offset_logits(logits: list[torch.Tensor], offsets: list[float]) -> list[torch.Tensor]:
+    return [teacher_logits - offset for teacher_logits, offset in zip(logits, offsets)]
+
+
 class StudentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -234,28 +251,32 @@ def feature_loss(student_block: torch.Tensor, adapters: nn.ModuleList, teacher_b
 
 def output_loss(
     head_logits: list[torch.Tensor], union_logits: torch.Tensor, teacher_logits: list[torch.Tensor],
-    union: LabelUnion, temperature: float,
+    teacher_union_logits: torch.Tensor, temperature: float,
 ) -> torch.Tensor:
     """KD of each head from its teacher, plus KD of the combined prediction from the teachers' union
     (which also sets the heads' logits against one another)."""
     per_head = torch.stack([kd_loss(mine, theirs, temperature) for mine, theirs in zip(head_logits, teacher_logits)])
-    return per_head.mean() + kd_loss(union_logits, union(teacher_logits), temperature)
+    return per_head.mean() + kd_loss(union_logits, teacher_union_logits, temperature)
 
 
 def amalgamate(
     student: TargetNet,
     teachers: list[LeNet5],
     transfer_set: TransferSet,
+    offsets: list[float],
     config: StudentConfig,
     device: torch.device,
     group_stack: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
 ) -> TargetNet:
-    """Train `student` from `teachers` (teacher i for head i) on transfer-set images alone; return it.
+    """Train `student` from `teachers` (teacher i for head i, its logits lowered by `offsets[i]` in
+    their union) on transfer-set images alone; return it.
 
     The student of the last step is the result: no real data is there to pick another.
     """
+    if len(offsets) != len(teachers):
+        raise AmalgamationError(f"{len(offsets)} logit offsets for {len(teachers)} teachers: one per teacher")
     teachers = [teacher.to(device).eval() for teacher in teachers]
     if config.start_from_teachers:
         copy_teacher_weights(student, teachers)
@@ -302,11 +323,12 @@ def amalgamate(
             images = random_affine(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
             with torch.no_grad():
                 teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images) for teacher in teachers))
+                teacher_union_logits = union(offset_logits(list(teacher_logits), offsets))
             student_blocks, head_logits, union_logits = student.forward_all(images)
             if phase.startswith("block"):
                 loss = feature_loss(student_blocks[depth], adapters[depth], [blocks[depth] for blocks in teacher_blocks])
             else:
-                loss = output_loss(head_logits, union_logits, list(teacher_logits), union, config.temperature)
+                loss = output_loss(head_logits, union_logits, list(teacher_logits), teacher_union_logits, config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -314,7 +336,7 @@ def amalgamate(
             progress.update()
 
             if on_step:
-                agreement = union_logits.argmax(1) == union(list(teacher_logits)).argmax(1)
+                agreement = union_logits.argmax(1) == teacher_union_logits.argmax(1)
                 on_step(step, {"loss": loss.item(), "union_agreement": agreement.float().mean().item(),
                                "phase": float(index)})
             if resume:

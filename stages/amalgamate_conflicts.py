@@ -4,16 +4,18 @@ Each image is optimised from noise until every teacher takes it for one of its o
 drawn at random per teacher and image): the look-alikes across teachers that real data is full of
 (a real 9 is a 4 to a teacher of digits 0-4) and the generator rarely makes. The student learns on
 them, from the teachers' own outputs, which teacher to believe. Reads the teacher checkpoints and
-nothing else.
+nothing else. The teachers' logit offsets for their label union (`teacher_offsets`) are measured on
+these images and saved with them.
 """
 
 import mlflow
 import torch
 
-from dfkd.amalgamation import synthesize_conflicts
-from dfkd.checkpoint import ResumeState, save_checkpoint
+from dfkd.amalgamation import offset_logits, synthesize_conflicts, teacher_offsets
+from dfkd.checkpoint import CheckpointError, ResumeState, load_checkpoint, save_checkpoint
 from dfkd.models import LabelUnion
 from dfkd.plots import save_class_grid, save_curves
+from dfkd.synthesis import FixedImages
 from stages.amalgamate_teachers import load_teachers
 from stages.common import MODELS, REPORTS, RESUME, run, setup
 from stages.params import load_params
@@ -21,6 +23,16 @@ from stages.tracking import CurveLogger, stage_run
 
 CONFLICTS = MODELS / "amalgamation" / "conflicts.pt"
 OUT = REPORTS / "amalgamation" / "conflicts"
+
+
+def load_conflicts(teacher_names: list[str]) -> tuple[FixedImages, list[float]]:
+    """The conflict images and each named teacher's logit offset, in the order of `teacher_names`."""
+    payload = load_checkpoint(CONFLICTS, "conflict_images")
+    offsets = payload.get("offsets", {})
+    if sorted(offsets) != sorted(teacher_names):
+        raise CheckpointError(f"{CONFLICTS}: made for teachers {sorted(offsets)}, not {sorted(teacher_names)}; "
+                              "run amalgamate_conflicts again")
+    return FixedImages(payload["images"]), [offsets[name] for name in teacher_names]
 
 
 def main() -> None:
@@ -35,13 +47,16 @@ def main() -> None:
         curve = CurveLogger(OUT / "losses.csv", every=5)
         resume = ResumeState(RESUME / "amalgamate_conflicts.pt", {**logged, "groups": groups}, every=1)
         conflicts = synthesize_conflicts(list(teachers.values()), settings, device, curve, resume)
+        offsets = teacher_offsets(list(teachers.values()), conflicts.images.to(device))
         save_checkpoint(CONFLICTS, {"kind": "conflict_images", "images": conflicts.images,
+                                    "offsets": dict(zip(teachers, offsets)),
                                     "metadata": {"seed": params.seed, "teachers": list(teachers)}})
+        mlflow.log_metrics({f"offset_{name}": offset for name, offset in zip(teachers, offsets)})
 
         union = LabelUnion(groups)
         with torch.no_grad():  # which teacher wins each image, by the combined prediction
             logits = [teacher.to(device)(conflicts.images.to(device)).cpu() for teacher in teachers.values()]
-            predicted = union(logits).argmax(dim=1)
+            predicted = union(offset_logits(logits, offsets)).argmax(dim=1)
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", "Conflict images: each teacher's cross-entropy")
         save_class_grid(conflicts.images, predicted, union.num_classes, OUT / "samples.png",
@@ -49,7 +64,8 @@ def main() -> None:
         mlflow.log_artifact(str(CONFLICTS), "checkpoint")
         mlflow.log_artifacts(str(OUT), "reports")
         resume.clear()
-        print(f"amalgamate_conflicts: {len(conflicts.images)} images claimed by all {len(teachers)} teachers")
+        print(f"amalgamate_conflicts: {len(conflicts.images)} images claimed by all {len(teachers)} teachers; "
+              "logit offsets " + ", ".join(f"{name} {offset:.3f}" for name, offset in zip(teachers, offsets)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Writes amalgamation/metrics.json (for `dvc metrics show`): each teacher on its own classes; the naive
 combination of the teachers (the more confident one decides) and their label union (the combined
-prediction the student learns); the group-stack student (PyTorch and ONNX) and its end-to-end
+prediction the student learns: logits lowered by the teachers' offsets; also without them); the group-stack student (PyTorch and ONNX) and its end-to-end
 ablation; the single 10-class teacher of the main pipeline (the reference, trained on all the data);
 sizes, FLOPs and the student's margin over the naive combination. Plus the student's confusion matrix.
 """
@@ -12,12 +12,13 @@ import mlflow
 import numpy as np
 import torch
 
-from dfkd.amalgamation import naive_combination
+from dfkd.amalgamation import naive_combination, offset_logits
 from dfkd.checkpoint import load_classifier
 from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count
 from dfkd.export import onnx_logits, onnx_session
 from dfkd.models import LabelUnion
 from dfkd.train import predict
+from stages.amalgamate_conflicts import load_conflicts
 from stages.amalgamate_export import ONNX_PATH
 from stages.amalgamate_student import TRAININGS
 from stages.amalgamate_teachers import TEACHERS, load_teachers
@@ -61,7 +62,10 @@ def main() -> None:
         naive = naive_combination(teacher_logits, groups)
         together = {key: sum(t[key] for t in metrics["teachers"].values()) for key in ("parameters", "flops")}
         metrics["naive_combination"] = {"accuracy": accuracy(naive), **together}
-        metrics["teachers_label_union"] = {"accuracy": accuracy(LabelUnion(groups)(teacher_logits).argmax(1)), **together}
+        union, offsets = LabelUnion(groups), load_conflicts(list(teachers))[1]
+        metrics["teachers_label_union"] = {"accuracy": accuracy(union(offset_logits(teacher_logits, offsets)).argmax(1)),
+                                           "offsets": dict(zip(teachers, offsets)), **together}
+        metrics["teachers_raw_label_union"] = {"accuracy": accuracy(union(teacher_logits).argmax(1)), **together}
 
         for training, student in students.items():
             with torch.no_grad():

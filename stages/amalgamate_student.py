@@ -1,5 +1,7 @@
 """Stage amalgamate_student: the TargetNet trained from the teachers on synthetic images alone: the
-generator's and the conflict images, in the shares `amalgamate.student.conflict_share` sets.
+generator's and the conflict images, in the shares `amalgamate.student.conflict_share` sets. Its
+target is the teachers' label union with each teacher's logits lowered by the offset measured on
+the conflict images.
 
     python -m stages.amalgamate_student --training group_stack   # the product: block by block, heads, end to end
     python -m stages.amalgamate_student --training end_to_end    # the ablation: end to end only, same step count
@@ -13,12 +15,12 @@ import argparse
 import mlflow
 
 from dfkd.amalgamation import StudentConfig, amalgamate
-from dfkd.checkpoint import ResumeState, load_checkpoint, save_classifier
+from dfkd.checkpoint import ResumeState, save_classifier
 from dfkd.models import TargetNet, TargetNetConfig
 from dfkd.plots import save_curves
-from dfkd.synthesis import FixedImages, Mixture
+from dfkd.synthesis import Mixture
 from dfkd.synthesis.methods import load_transfer_set
-from stages.amalgamate_conflicts import CONFLICTS
+from stages.amalgamate_conflicts import load_conflicts
 from stages.amalgamate_generator import TRANSFER_SET
 from stages.amalgamate_teachers import load_teachers
 from stages.common import MODELS, REPORTS, RESUME, run, setup
@@ -43,7 +45,7 @@ def main() -> None:
     settings = params.amalgamate.student
     device = setup(params)
     teachers = load_teachers(params)
-    conflicts = FixedImages(load_checkpoint(CONFLICTS, "conflict_images")["images"])
+    conflicts, offsets = load_conflicts(list(teachers))
     share = settings.conflict_share
     transfer_set = Mixture([load_transfer_set(TRANSFER_SET, device), conflicts], [1 - share, share])
     first = next(iter(teachers.values())).config
@@ -61,7 +63,7 @@ def main() -> None:
         curve = CurveLogger(out / "curve.csv", every=5)
         resume = ResumeState(RESUME / f"{stage}.pt", {**logged, "groups": student.config.groups}, every=200)
         config = StudentConfig(**settings.model_dump(exclude={"width", "conflict_share"}))
-        student = amalgamate(student, list(teachers.values()), transfer_set, config, device,
+        student = amalgamate(student, list(teachers.values()), transfer_set, offsets, config, device,
                              group_stack=training == "group_stack", on_step=curve, resume=resume)
         save_classifier(student_path, student.cpu(), metadata={"training": training, "teachers": list(teachers),
                                                                "seed": params.seed})

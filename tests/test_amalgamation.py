@@ -17,8 +17,10 @@ from dfkd.amalgamation import (
     fit_adapters,
     generator_losses,
     naive_combination,
+    offset_logits,
     synthesize,
     synthesize_conflicts,
+    teacher_offsets,
 )
 from dfkd.checkpoint import ResumeState, load_classifier, save_classifier
 from dfkd.export import check_parity, export_onnx, onnx_logits, onnx_session
@@ -29,6 +31,7 @@ from dfkd.synthesis.dafl import dafl_losses
 
 HALVES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
 CPU = torch.device("cpu")
+NO_OFFSETS = [0.0, 0.0]
 
 
 def parameters(model: torch.nn.Module) -> int:
@@ -203,6 +206,25 @@ def test_interrupted_conflict_synthesis_resumes_to_the_same_images(tmp_path):
     assert resumed.shape == unbroken.shape and torch.isfinite(resumed).all()
 
 
+def test_offsets_cancel_the_arbitrary_level_of_a_teachers_logits():
+    teachers, images = trained_teachers(), torch.randn(16, 1, 32, 32)
+    raised = [teachers[0], LeNet5(teachers[1].config).eval()]
+    raised[1].load_state_dict(teachers[1].state_dict())
+    with torch.no_grad():
+        raised[1].classifier.bias += 3.0  # the same softmax, every logit 3 higher
+        logits, raised_logits = ([teacher(images) for teacher in group] for group in (teachers, raised))
+    offsets, raised_offsets = teacher_offsets(teachers, images), teacher_offsets(raised, images)
+    assert math.isclose(raised_offsets[1] - offsets[1], 3.0, rel_tol=1e-4) and raised_offsets[0] == offsets[0]
+    union = LabelUnion(HALVES)
+    assert not torch.allclose(union(raised_logits), union(logits), atol=1e-3)  # raw, the raised teacher outbids
+    assert torch.allclose(union(offset_logits(raised_logits, raised_offsets)), union(offset_logits(logits, offsets)), atol=1e-4)
+
+
+def test_one_offset_per_teacher_is_required():
+    with pytest.raises(AmalgamationError, match="1 logit offsets for 2 teachers"):
+        amalgamate(TargetNet(TargetNetConfig(groups=HALVES)), half_teachers(), GaussianNoise((1, 32, 32)), [0.0], TINY, CPU)
+
+
 def test_group_stack_trains_one_block_at_a_time_then_the_heads():
     torch.manual_seed(0)
     student = TargetNet(TargetNetConfig(groups=HALVES))
@@ -212,7 +234,7 @@ def test_group_stack_trains_one_block_at_a_time_then_the_heads():
     def on_step(step, metrics):
         snapshots[step] = {name: value.clone() for name, value in student.state_dict().items()}
 
-    amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU, group_stack=True, on_step=on_step)
+    amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), NO_OFFSETS, TINY, CPU, group_stack=True, on_step=on_step)
     changed = lambda step, prefix: any(  # noqa: E731
         not torch.equal(snapshots[step][name], (snapshots[step - 2] if step > 2 else initial)[name])
         for name in initial if name.startswith(prefix)
@@ -225,7 +247,7 @@ def test_group_stack_trains_one_block_at_a_time_then_the_heads():
 
 def test_ablation_trains_everything_for_the_same_number_of_steps():
     seen = []
-    amalgamate(TargetNet(TargetNetConfig(groups=HALVES)), half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU,
+    amalgamate(TargetNet(TargetNetConfig(groups=HALVES)), half_teachers(), GaussianNoise((1, 32, 32)), NO_OFFSETS, TINY, CPU,
                group_stack=False, on_step=lambda step, m: seen.append(step))
     assert seen == list(range(1, 12))
 
@@ -242,7 +264,7 @@ def run_group_stack(resume: ResumeState | None, kill_at: int | None = None) -> T
         if step == kill_at:
             raise Killed
 
-    return amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), TINY, CPU, on_step=on_step, resume=resume)
+    return amalgamate(student, half_teachers(), GaussianNoise((1, 32, 32)), NO_OFFSETS, TINY, CPU, on_step=on_step, resume=resume)
 
 
 def test_interrupted_group_stack_resumes_to_the_same_student(tmp_path):

@@ -44,8 +44,9 @@ def test_repro_writes_every_figure_of_the_comparison(project):
     assert set(metrics["teachers"]) == {"digits_0_4", "digits_5_9"}
     assert metrics["teachers"]["digits_5_9"]["classes"] == [5, 6, 7, 8, 9]
     assert sum(t["own_class_images"] for t in metrics["teachers"].values()) == metrics["test_size"] == 1000
-    for key in ("naive_combination", "teachers_label_union", "student", "student_end_to_end", "reference"):
+    for key in ("naive_combination", "teachers_label_union", "teachers_raw_label_union", "student", "student_end_to_end", "reference"):
         assert 0 <= metrics[key]["accuracy"] <= 1 and metrics[key]["parameters"] > 0
+    assert set(metrics["teachers_label_union"]["offsets"]) == {"digits_0_4", "digits_5_9"}
     student = metrics["student"]
     assert student["parameters"] < metrics["naive_combination"]["parameters"]  # fewer than the teachers together
     assert metrics["student_parameter_ratio"] == student["parameters"] / metrics["naive_combination"]["parameters"]
@@ -158,3 +159,17 @@ def test_a_teacher_of_another_input_shape_is_named_before_training(project):
         (project / "amalgamation/teachers/colour.pt").unlink()
     assert result.returncode == 2
     assert "teacher 'colour' takes 3x32x32 inputs but teacher 'digits_0_4' takes 1x32x32" in result.stderr
+
+
+def test_conflict_images_made_for_other_teachers_are_refused_before_training(project):
+    conflicts = project / "models/amalgamation/conflicts.pt"
+    original = conflicts.read_bytes()
+    payload = torch.load(conflicts, weights_only=True)
+    payload["offsets"] = {"digits_0_4": 1.0, "letters": 2.0}
+    torch.save(payload, conflicts)
+    try:
+        result = run_stage(project, "amalgamate_student")
+    finally:
+        conflicts.write_bytes(original)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "made for teachers ['digits_0_4', 'letters'], not ['digits_0_4', 'digits_5_9']" in result.stderr
