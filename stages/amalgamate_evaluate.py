@@ -2,9 +2,10 @@
 
 Writes amalgamation/metrics.json (for `dvc metrics show`): each teacher on its own classes; the naive
 combination of the teachers (the more confident one decides) and their label union (the combined
-prediction the student learns: logits lowered by the teachers' offsets; also without them); the group-stack student (PyTorch and ONNX) and its end-to-end
-ablation; the single 10-class teacher of the main pipeline (the reference, trained on all the data);
-sizes, FLOPs and the student's margin over the naive combination. Plus the student's confusion matrix.
+prediction the student learns, the teachers' logits lowered by their offsets; also without them);
+the group-stack student (PyTorch and ONNX) and its end-to-end ablation; the single 10-class teacher
+of the main pipeline (the reference, trained on all the data); sizes, FLOPs and the student's margin
+over the naive combination. Plus the student's confusion matrix.
 """
 
 
