@@ -146,16 +146,15 @@ def synthesize_conflicts(
     return FixedImages(images)
 
 
-@torch.no_grad()
-def teacher_offsets(teachers: list[LeNet5], images: torch.Tensor) -> list[float]:
-    """Each teacher's mean log-partition (log-sum-exp of its logits) on `images` that every teacher
+def teacher_offsets(logits: list[torch.Tensor]) -> list[float]:
+    """Each teacher's mean log-partition (log-sum-exp of its `logits`) on images that every teacher
     claims as its own (the conflict images), to subtract from its logits before the label union.
 
     A softmax does not change when one constant is added to all of a classifier's logits, so the
     levels of separately trained teachers' logits are arbitrary against one another; the union
     compares them directly and would favour whichever teacher happens to sit highest. Lowered by
     these offsets, the teachers stand level where they all claim an image."""
-    return [torch.logsumexp(teacher.eval()(images), dim=1).mean().item() for teacher in teachers]
+    return [torch.logsumexp(teacher_logits, dim=1).mean().item() for teacher_logits in logits]
 
 
 def offset_logits(logits: list[torch.Tensor], offsets: list[float]) -> list[torch.Tensor]:

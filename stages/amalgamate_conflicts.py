@@ -47,16 +47,16 @@ def main() -> None:
         curve = CurveLogger(OUT / "losses.csv", every=5)
         resume = ResumeState(RESUME / "amalgamate_conflicts.pt", {**logged, "groups": groups}, every=1)
         conflicts = synthesize_conflicts(list(teachers.values()), settings, device, curve, resume)
-        offsets = teacher_offsets(list(teachers.values()), conflicts.images.to(device))
+        with torch.no_grad():
+            logits = [teacher.to(device)(conflicts.images.to(device)).cpu() for teacher in teachers.values()]
+        offsets = teacher_offsets(logits)
         save_checkpoint(CONFLICTS, {"kind": "conflict_images", "images": conflicts.images,
                                     "offsets": dict(zip(teachers, offsets)),
                                     "metadata": {"seed": params.seed, "teachers": list(teachers)}})
         mlflow.log_metrics({f"offset_{name}": offset for name, offset in zip(teachers, offsets)})
 
         union = LabelUnion(groups)
-        with torch.no_grad():  # which teacher wins each image, by the combined prediction
-            logits = [teacher.to(device)(conflicts.images.to(device)).cpu() for teacher in teachers.values()]
-            predicted = union(offset_logits(logits, offsets)).argmax(dim=1)
+        predicted = union(offset_logits(logits, offsets)).argmax(dim=1)  # which teacher wins each image
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", "Conflict images: each teacher's cross-entropy")
         save_class_grid(conflicts.images, predicted, union.num_classes, OUT / "samples.png",

@@ -213,7 +213,7 @@ def test_offsets_cancel_the_arbitrary_level_of_a_teachers_logits():
     with torch.no_grad():
         raised[1].classifier.bias += 3.0  # the same softmax, every logit 3 higher
         logits, raised_logits = ([teacher(images) for teacher in group] for group in (teachers, raised))
-    offsets, raised_offsets = teacher_offsets(teachers, images), teacher_offsets(raised, images)
+    offsets, raised_offsets = teacher_offsets(logits), teacher_offsets(raised_logits)
     assert math.isclose(raised_offsets[1] - offsets[1], 3.0, rel_tol=1e-4) and raised_offsets[0] == offsets[0]
     union = LabelUnion(HALVES)
     assert not torch.allclose(union(raised_logits), union(logits), atol=1e-3)  # raw, the raised teacher outbids
