@@ -61,8 +61,12 @@ class DistillParams(DistillSchedule):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     student_width: float = Field(0.5, gt=0, le=1)  # 0.5 is LeNet-5-half
-    dafl: TransferRecipe = TransferRecipe()  # the DAFL reference distils at T=1, no augmentation
-    zskd: TransferRecipe = TransferRecipe(temperature=20.0)  # the ZSKD paper's temperature
+    # The defaults are params.yaml's recipes (a test keeps the two equal); the DAFL reference distils
+    # at T=1 without augmentation, ZSKD's paper at T=20.
+    dafl: TransferRecipe = TransferRecipe(steps=3000, temperature=4.0, augment_shift=2.0, pool_size=98304)
+    zskd: TransferRecipe = TransferRecipe(
+        steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
+    )
 
     def config(self, method: str) -> DistillConfig:
         """The settings of `distill` for the transfer set of synthesis `method`."""

@@ -1,14 +1,33 @@
 from typing import get_args
 
 import pytest
+from pydantic import BaseModel
+from ruamel.yaml import YAML
 
 from dfkd.synthesis.methods import METHODS
-from stages.params import PARAMS_FILE, ParamsError, SynthesizeParams, load_params, validate_params
+from stages.params import PARAMS_FILE, Params, ParamsError, SynthesizeParams, load_params, validate_params
 
 
 def test_the_shipped_params_file_is_valid():
     params = load_params(PARAMS_FILE)
     assert params.synthesize.method == "dafl"
+
+
+def test_params_yaml_spells_out_every_key_with_the_schema_default():
+    """One recipe: deleting a key from params.yaml must not change what runs."""
+    raw = YAML(typ="safe").load(PARAMS_FILE.read_text())
+
+    def missing(model: BaseModel, written: dict, prefix: str = "") -> list[str]:
+        keys = []
+        for name, value in model:
+            if name not in written:
+                keys.append(prefix + name)
+            elif isinstance(value, BaseModel):
+                keys += missing(value, written[name], f"{prefix}{name}.")
+        return keys
+
+    assert missing(Params(), raw) == []
+    assert load_params(PARAMS_FILE) == Params()
 
 
 def test_every_method_has_its_options_and_its_distillation_recipe():
