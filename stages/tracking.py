@@ -24,6 +24,7 @@ from stages.params import ROOT
 
 PARENT_RUN_ENV = "DFKD_PARENT_RUN_ID"
 INVOCATION_TAG = "dfkd.invocation"
+STAGE_TAG = "dfkd.stage"  # on each stage's nested run: the DVC stage name
 
 
 def configure(experiment: str) -> str:
@@ -83,7 +84,7 @@ def stage_run(stage: str, params: dict, experiment: str) -> Iterator[mlflow.Acti
     experiment_id = configure(experiment)
     parent = parent_run_id(experiment_id, stage)
     with mlflow.start_run(run_id=parent):
-        with mlflow.start_run(run_name=stage, nested=True, tags={"dfkd.stage": stage}) as run:
+        with mlflow.start_run(run_name=stage, nested=True, tags={STAGE_TAG: stage}) as run:
             mlflow.log_params(flatten(params))
             yield run
 
