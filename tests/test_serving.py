@@ -4,6 +4,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import struct
@@ -36,6 +37,7 @@ from serving.model import Classifier, ModelSource
 
 MAX_BATCH = 4
 MAX_BODY = 256 * 1024
+BODY_TIMEOUT = 1.0
 
 
 def free_port() -> int:
@@ -60,14 +62,11 @@ def onnx_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def client(onnx_file):
+@contextmanager
+def serving_thread(onnx_file: Path, **settings):
     """The app under uvicorn on a loopback port, in a thread of this process."""
     port = free_port()
-    app = create_app(
-        ServeSettings(model=str(onnx_file), port=port, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY),
-        ModelSource(onnx_file, "student", None),
-    )
+    app = create_app(ServeSettings(model=str(onnx_file), port=port, **settings), ModelSource(onnx_file, "student", None))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -78,6 +77,19 @@ def client(onnx_file):
         yield http
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(onnx_file):
+    with serving_thread(onnx_file, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def default_limits(onnx_file):
+    """The service with its default batch and body limits, and a short body timeout."""
+    with serving_thread(onnx_file, body_timeout=BODY_TIMEOUT) as http:
+        yield http
 
 
 @contextmanager
@@ -228,6 +240,7 @@ def test_a_model_that_cannot_be_served_stops_the_start_with_its_name(tmp_path, o
         (["--model", str(no_metadata)], "bare.onnx: the ONNX metadata lacks pixel_mean"),
         (["--model", "models:/dfkd-student@nowhere"], "models:/dfkd-student@nowhere: cannot be loaded"),
         (["--model", str(onnx_file), "--max-batch", "0"], "--max-batch: Input should be greater than or equal to 1"),
+        (["--model", str(onnx_file), "--body-timeout", "0"], "--body-timeout: Input should be greater than 0"),
     ]
     for args, message in cases:
         result = subprocess.run(
@@ -317,6 +330,12 @@ BAD_REQUESTS = [
       "headers": {"content-type": "application/json"}}, 422, "images[0][0][0]"),
     ({"content": json.dumps({"images": [square(28)]}).replace("0", "1e999", 1).encode(),
       "headers": {"content-type": "application/json"}}, 422, "images[0][0][0]"),
+    ({"content": json.dumps({"images": [square(28)]}).replace("0", "1" + "0" * 400, 1).encode(),
+      "headers": {"content-type": "application/json"}}, 422, "images[0][0][0]"),
+    ({"json": {"images": "28x28"}}, 422, "images"),
+    ({"json": {"images": [[0] * 5000]}}, 422, "body"),  # more values than MAX_BATCH images hold: refused unparsed
+    ({"content": b'{"images": ' + b"[" * 1000 + b"]" * 1000 + b"}", "headers": {"content-type": "application/json"}},
+     422, "body"),
     ({"json": {"images": [square(28, 256)]}}, 422, "images[0]"),
     ({"json": {"images": [square(28, -1)]}}, 422, "images[0]"),
     ({"json": {"images": [square(28, 2)], "pixel_scale": "0-1"}}, 422, "images[0]"),
@@ -353,6 +372,123 @@ def test_a_body_streamed_past_the_limit_is_cut_off(client):
 
     response = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["errors"][0]["field"] == "body"
+
+
+# -- abusive clients: what a request costs and how long it may hold a connection are bounded --------------
+
+MILLIONS_OF_VALUES = {  # prefix, item, how many, suffix: bodies just under the default 8 MiB limit
+    "2 million strings": (b'{"images": [[[', b'"a"', 2_000_000, b"]]]}"),
+    "1.39 million 1x1 images": (b'{"images": [', b"[[0]]", 1_390_000, b"]}"),
+}
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory since it started or since `reset_peak_memory` (Linux's VmHWM):
+    the server's too, as it runs in a thread of this process."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak_memory() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@pytest.mark.parametrize("kind", MILLIONS_OF_VALUES)
+def test_a_body_of_millions_of_values_is_refused_fast_and_health_keeps_answering(default_limits, kind):
+    prefix, item, count, suffix = MILLIONS_OF_VALUES[kind]
+    body = prefix + b",".join([item] * count) + suffix
+    assert len(body) <= ServeSettings.model_fields["max_body_bytes"].default
+    health: list[tuple[int, float]] = []  # (status, seconds) of each /health asked meanwhile
+    polling, done = threading.Event(), threading.Event()
+
+    def ask_health():
+        with httpx.Client(base_url=default_limits.base_url, timeout=30) as http:
+            while not done.is_set():
+                start = time.perf_counter()
+                health.append((http.get("/health").status_code, time.perf_counter() - start))
+                polling.set()
+                time.sleep(0.005)
+
+    poller = threading.Thread(target=ask_health)
+    poller.start()
+    polling.wait(timeout=10)
+    reset_peak_memory()
+    memory_before = peak_memory_mib()
+    start = time.perf_counter()
+    response = default_limits.post("/predict", content=body, headers={"content-type": "application/json"})
+    seconds = time.perf_counter() - start
+    done.set()
+    poller.join()
+    # Before the value bound: 17 s and 2.7 GiB for the strings, 2.3 s and 580 MiB for the images.
+    assert response.status_code == 422 and seconds < 2, f"{response.status_code} in {seconds:.1f} s"
+    assert peak_memory_mib() - memory_before < 100, "the server's memory grew by 100 MiB or more"
+    assert health and all(status == 200 and latency < 1 for status, latency in health), health
+    assert response.json()["errors"][0]["field"] == "body", "refused before it is parsed"
+
+
+def test_the_largest_valid_batch_is_within_the_value_bound(default_limits):
+    metadata = default_limits.get("/metadata").json()
+    side = max(metadata["image_sizes"])
+    images = np.random.default_rng(0).random((metadata["max_batch"], side, side))
+    response = default_limits.post("/predict", json={"images": images.tolist(), "pixel_scale": "0-1"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == metadata["max_batch"]
+
+
+def send_part_of_a_body(http: httpx.Client) -> socket.socket:
+    """A connection carrying the headers of a /predict request and 20 of its 1,000 body bytes."""
+    connection = socket.create_connection((http.base_url.host, http.base_url.port))
+    connection.sendall(
+        b"POST /predict HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+        b'{"images": [[[0, 0, '
+    )
+    return connection
+
+
+def read_until_closed(connection: socket.socket, within: float) -> bytes:
+    """All the server sends until it closes the connection; fails if it is still open after `within` seconds."""
+    connection.settimeout(within)
+    chunks = []
+    try:
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {within} s")
+    return b"".join(chunks)
+
+
+def test_a_stalled_body_is_answered_408_and_its_connection_closed(default_limits):
+    start = time.monotonic()
+    stalled = [send_part_of_a_body(default_limits) for _ in range(20)]
+    answers = [read_until_closed(connection, within=BODY_TIMEOUT + 5) for connection in stalled]
+    seconds = time.monotonic() - start
+    for connection in stalled:
+        connection.close()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), answer
+        assert json.loads(body)["errors"][0]["field"] == "body"
+    assert BODY_TIMEOUT <= seconds < BODY_TIMEOUT + 3, f"closed after {seconds:.1f} s"
+    assert default_limits.get("/health").status_code == 200
+
+
+def test_a_client_that_leaves_mid_body_is_counted_apart_and_logs_no_traceback(client, caplog):
+    def count(status: str) -> float:
+        return metric_value(client, "dfkd_http_requests_total", route="/predict", status=status)
+
+    disconnected, failed = count("client_disconnected"), count("500")
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn logs an application's exception
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        for _ in range(3):
+            send_part_of_a_body(client).close()
+        deadline = time.monotonic() + 5
+        while count("client_disconnected") + count("500") < disconnected + failed + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert (count("client_disconnected"), count("500")) == (disconnected + 3, failed)
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
 
 
 def test_unknown_paths_and_methods_answer_in_the_same_format(client):
