@@ -289,7 +289,7 @@ def amalgamate(
     phases = config.phases(group_stack, len(student.blocks))
     total_steps = sum(steps for _, steps in phases)
 
-    saved = resume.restore(student=student, adapters=adapters) if resume else {"step": 0}
+    saved = resume.restore(total_steps, student=student, adapters=adapters) if resume else {"step": 0}
     progress = tqdm(total=total_steps, initial=saved["step"], desc="group-stack" if group_stack else "end to end")
     phase_start = 0
     for index, (phase, steps) in enumerate(phases):  # block phases learn features, the others outputs

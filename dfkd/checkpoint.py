@@ -100,34 +100,65 @@ def freeze(model: nn.Module) -> nn.Module:
 class ResumeState:
     """Periodic training state of a long loop, so a killed stage continues where it stopped.
 
-    The state is keyed by a fingerprint of the run's settings: a file left by a run with other
-    settings is ignored rather than resumed into the wrong run. The torch RNG state is saved too,
-    so a resumed run draws the same samples an unbroken one would.
+    The state is saved with the run's `inputs`: whatever decides its result (its settings; for a
+    pipeline stage, also the hashes of the code and files it reads). A file saved for other inputs is
+    deleted with a line saying why, never resumed into the wrong run. The torch RNG state is saved
+    too, so a resumed run draws the same samples an unbroken one would. What lives around the loop
+    (a stage's curve, its MLflow run) is `attach`ed and saved with every state, so a resumed stage
+    continues its records instead of starting new ones.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, every: int):
+    def __init__(self, path: str | os.PathLike, inputs: dict, every: int, label: str = "resume"):
         self.path = Path(path)
-        self.fingerprint = repr(sorted(fingerprint.items()))
+        self.inputs = inputs
         self.every = every
+        self.label = label  # who speaks in the one-line messages (the stage)
+        self.attached: dict[str, object] = {}
+
+    @property
+    def shown(self) -> str:
+        """The file relative to the working directory (a stage's is the repository), as a person types it."""
+        return os.path.relpath(self.path)
 
     def load(self) -> dict | None:
+        """The saved state, if there is one saved for these inputs; any other file is deleted."""
         if not self.path.is_file():
             return None
         try:
             payload = load_checkpoint(self.path, "resume")
-        except CheckpointError:
-            return None  # an unreadable resume file only costs the work it held
-        return payload["state"] if payload.get("fingerprint") == self.fingerprint else None
+        except CheckpointError as error:
+            reason = str(error)
+        else:
+            saved = payload.get("inputs", {})
+            changed = sorted(key for key in {*saved, *self.inputs} if saved.get(key) != self.inputs.get(key))
+            if not changed:
+                return payload["state"]
+            named = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            reason = f"{self.shown} was saved for other inputs ({named})"
+        print(f"{self.label}: {reason}; starting from step 0")
+        self.clear()
+        return None
 
-    def restore(self, **stateful) -> dict:
-        """Load the saved state into each object (a module, optimizer or schedule); return the
-        saved values: `step` (0 when nothing was saved) and any `extra` given to `maybe_save`."""
+    def attach(self, **stateful) -> None:
+        """Save each object's state (`state_dict`) with every state from now on, and give it its
+        saved state now (`load_state_dict`) if there is one to resume."""
+        state = self.load()
+        for name, target in stateful.items():
+            if state is not None:
+                target.load_state_dict(state[name])
+            self.attached[name] = target
+
+    def restore(self, total: int, **stateful) -> dict:
+        """Load the saved state into each object (a module, optimizer or schedule), saying so in one
+        line; return the saved values: `step` (0 when nothing was saved) and any `extra` given to
+        `maybe_save`. `total` is the loop's last step, for the message."""
         state = self.load()
         if state is None:
             return {"step": 0}
         for name, target in stateful.items():
             target.load_state_dict(state[name])
         torch.set_rng_state(state["rng"])
+        print(f"{self.label}: resuming from step {state['step']} of {total} ({self.shown})")
         return state
 
     def maybe_save(self, step: int, extra: dict | None = None, **stateful) -> None:
@@ -136,10 +167,11 @@ class ResumeState:
             self.save(step, extra, **stateful)
 
     def save(self, step: int, extra: dict | None = None, **stateful) -> None:
-        """Save each object's state dict, the RNG state and `extra` (tensors and plain values)."""
+        """Save each object's state dict (the attached ones too), the RNG state and `extra` (tensors
+        and plain values)."""
         state = {"step": step, "rng": torch.get_rng_state(), **(extra or {})}
-        state.update({name: target.state_dict() for name, target in stateful.items()})
-        save_checkpoint(self.path, {"kind": "resume", "fingerprint": self.fingerprint, "state": state})
+        state.update({name: target.state_dict() for name, target in {**self.attached, **stateful}.items()})
+        save_checkpoint(self.path, {"kind": "resume", "inputs": self.inputs, "state": state})
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -74,7 +74,9 @@ def distill(
         transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    start = resume.restore(student=student, optimizer=optimizer, schedule=schedule)["step"] if resume else 0
+    start = 0
+    if resume:
+        start = resume.restore(config.steps, student=student, optimizer=optimizer, schedule=schedule)["step"]
 
     student.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):

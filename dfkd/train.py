@@ -53,7 +53,7 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    saved = resume.restore(model=model, optimizer=optimizer, schedule=schedule) if resume else {"step": 0}
+    saved = resume.restore(config.epochs, model=model, optimizer=optimizer, schedule=schedule) if resume else {"step": 0}
     start = saved["step"]
     best = saved.get("best", {"val_accuracy": -1.0})
     best_state = saved.get("best_state", copy.deepcopy(model.state_dict()))

@@ -12,12 +12,12 @@ import mlflow
 import torch
 
 from dfkd.amalgamation import offset_logits, synthesize_conflicts, teacher_offsets
-from dfkd.checkpoint import CheckpointError, ResumeState, load_checkpoint, save_checkpoint
+from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.models import LabelUnion
 from dfkd.plots import save_class_grid, save_curves
 from dfkd.synthesis import FixedImages
 from stages.amalgamate_teachers import load_teachers
-from stages.common import MODELS, REPORTS, RESUME, run, setup
+from stages.common import MODELS, REPORTS, run, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -43,9 +43,10 @@ def main() -> None:
     groups = tuple(tuple(spec.classes) for spec in params.amalgamate.teachers.values())
 
     logged = {"seed": params.seed, "device": str(device), **settings.model_dump()}
-    with stage_run("amalgamate_conflicts", logged, params.mlflow.experiment):
+    resume = stage_resume("amalgamate_conflicts", every=1)
+    with stage_run("amalgamate_conflicts", logged, params.mlflow.experiment, resume):
         curve = CurveLogger(OUT / "losses.csv", every=5)
-        resume = ResumeState(RESUME / "amalgamate_conflicts.pt", {**logged, "groups": groups}, every=1)
+        resume.attach(curve=curve)
         conflicts = synthesize_conflicts(list(teachers.values()), settings, device, curve, resume)
         with torch.no_grad():
             logits = [teacher.to(device)(conflicts.images.to(device)).cpu() for teacher in teachers.values()]

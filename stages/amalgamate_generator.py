@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from dfkd.amalgamation import synthesize
-from dfkd.checkpoint import ResumeState, atomic_path
+from dfkd.checkpoint import atomic_path
 from dfkd.models import LabelUnion
 from dfkd.plots import save_class_grid, save_curves
 from dfkd.synthesis.methods import save_transfer_set
 from stages.amalgamate_teachers import load_teachers
-from stages.common import MODELS, REPORTS, RESUME, run, setup
+from stages.common import MODELS, REPORTS, run, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -34,9 +34,10 @@ def main() -> None:
     groups = tuple(tuple(spec.classes) for spec in settings.teachers.values())
 
     logged = {"seed": params.seed, "device": str(device), **settings.generator.model_dump()}
-    with stage_run("amalgamate_generator", logged, params.mlflow.experiment):
+    resume = stage_resume("amalgamate_generator", every=100)
+    with stage_run("amalgamate_generator", logged, params.mlflow.experiment, resume):
         curve = CurveLogger(OUT / "losses.csv", every=5)
-        resume = ResumeState(RESUME / "amalgamate_generator.pt", {**logged, "groups": groups}, every=100)
+        resume.attach(curve=curve)
         transfer_set = synthesize(list(teachers.values()), groups, settings.generator, device, curve, resume)
         # The generator is DAFL's, so the transfer set loads like any DAFL one.
         save_transfer_set(TRANSFER_SET, "dafl", transfer_set, metadata={"seed": params.seed, "teachers": list(teachers)})

@@ -15,7 +15,7 @@ import argparse
 import mlflow
 
 from dfkd.amalgamation import StudentConfig, amalgamate
-from dfkd.checkpoint import ResumeState, save_classifier
+from dfkd.checkpoint import save_classifier
 from dfkd.models import TargetNet, TargetNetConfig
 from dfkd.plots import save_curves
 from dfkd.synthesis import Mixture
@@ -23,7 +23,7 @@ from dfkd.synthesis.methods import load_transfer_set
 from stages.amalgamate_conflicts import load_conflicts
 from stages.amalgamate_generator import TRANSFER_SET
 from stages.amalgamate_teachers import load_teachers
-from stages.common import MODELS, REPORTS, RESUME, run, setup
+from stages.common import MODELS, REPORTS, run, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -59,9 +59,10 @@ def main() -> None:
     )
 
     logged = {"seed": params.seed, "device": str(device), "training": training, **settings.model_dump()}
-    with stage_run(stage, logged, params.mlflow.experiment):
+    resume = stage_resume(stage, every=200)
+    with stage_run(stage, logged, params.mlflow.experiment, resume):
         curve = CurveLogger(out / "curve.csv", every=5)
-        resume = ResumeState(RESUME / f"{stage}.pt", {**logged, "groups": student.config.groups}, every=200)
+        resume.attach(curve=curve)
         config = StudentConfig(**settings.model_dump(exclude={"width", "conflict_share"}))
         student = amalgamate(student, list(teachers.values()), transfer_set, offsets, config, device,
                              group_stack=training == "group_stack", on_step=curve, resume=resume)

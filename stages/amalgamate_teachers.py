@@ -13,11 +13,11 @@ import mlflow
 import torch
 
 from dfkd.amalgamation import AmalgamationError, check_teachers
-from dfkd.checkpoint import ResumeState, atomic_path, freeze, load_classifier, save_classifier
+from dfkd.checkpoint import atomic_path, freeze, load_classifier, save_classifier
 from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.plots import save_curves
 from dfkd.train import train_classifier
-from stages.common import MODELS, REPORTS, RESUME, load_model_input, run, setup
+from stages.common import MODELS, REPORTS, load_model_input, run, setup, stage_resume
 from stages.params import ROOT, Params, load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -62,7 +62,13 @@ def main() -> None:
 
     logged = {"seed": params.seed, "device": str(device), **params.train_teacher.model_dump(),
               "teachers": {name: spec.model_dump() for name, spec in settings.teachers.items()}}
-    with stage_run("amalgamate_teachers", logged, params.mlflow.experiment):
+    # One resume state per trained teacher, each kept until the stage ends (a rerun after a kill skips
+    # the teachers already trained); the first one also keeps the stage's MLflow run.
+    resumes = {
+        name: stage_resume("amalgamate_teachers", every=1, file_name=f"amalgamate_teacher_{name}")
+        for name, spec in settings.teachers.items() if not spec.checkpoint
+    }
+    with stage_run("amalgamate_teachers", logged, params.mlflow.experiment, next(iter(resumes.values()), None)):
         summary = {}
         for name, spec in settings.teachers.items():
             if spec.checkpoint:
@@ -74,25 +80,26 @@ def main() -> None:
             local[spec.classes] = torch.arange(len(spec.classes))
             mine, mine_val = local[train_labels] >= 0, local[val_labels] >= 0
             curve = CurveLogger(OUT / f"{name}_curve.csv")
-            resume = ResumeState(RESUME / f"amalgamate_teacher_{name}.pt", {**logged, "name": name}, every=1)
+            resumes[name].attach(curve=curve)
             teacher, best = train_classifier(
                 teachers[name], train_images[mine], local[train_labels[mine]], val_images[mine_val],
                 local[val_labels[mine_val]], params.train_teacher, device,
                 on_epoch=lambda epoch, metrics: curve(epoch, {f"{name}_{k}": v for k, v in metrics.items()}),
-                resume=resume,
+                resume=resumes[name],
             )
             summary[name] = {"classes": spec.classes, "source": "trained", "train_images": int(mine.sum()), **best}
             save_classifier(TEACHERS / f"{name}.pt", teacher.cpu(), metadata={"selected_on": "val", **summary[name]})
             curve.write()
             save_curves(curve.rows, OUT / f"{name}_curve.png", f"Teacher '{name}' (classes {spec.classes})")
             mlflow.log_metric(f"{name}_best_val_accuracy", best["val_accuracy"])
-            resume.clear()
             print(f"teacher '{name}' {spec.classes}: best validation accuracy {best['val_accuracy']:.4f} "
                   f"at epoch {best['epoch']}")
         with atomic_path(OUT / "teachers.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         mlflow.log_artifacts(str(TEACHERS), "checkpoints")
         mlflow.log_artifacts(str(OUT), "reports")
+        for resume in resumes.values():
+            resume.clear()
 
 
 if __name__ == "__main__":

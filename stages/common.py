@@ -1,13 +1,19 @@
-"""What every training stage does the same way: seed, pick the device, set CPU threads, load splits."""
+"""What every training stage does the same way: seed, pick the device, set CPU threads, load splits,
+keep its resume state."""
 
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from dvc.dependency import ParamsDependency
+from dvc.repo import Repo
 
 from dfkd.amalgamation import AmalgamationError
-from dfkd.checkpoint import CheckpointError
+from dfkd.checkpoint import CheckpointError, ResumeState
 from dfkd.data import DataError, load_split, to_model_input
 from dfkd.export import ParityError
 from dfkd.synthesis import SynthesisError
@@ -31,6 +37,47 @@ def load_model_input(split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A prepared split as (normalised images, labels) tensors."""
     split = load_split(PREPARED / f"{split_name}.npz")
     return to_model_input(split.images), torch.as_tensor(split.labels)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's file names and contents; 'missing' if there is neither."""
+    if path.is_file():
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    # Bytecode caches are left out: Python writes them when it imports a module, not when its code changes.
+    for file in sorted(found.relative_to(path) for found in path.rglob("*") if found.is_file()):
+        if "__pycache__" not in file.parts:
+            digest.update(f"{file}\0{content_digest(path / file)}\n".encode())
+    return digest.hexdigest()
+
+
+def stage_inputs(stage: str) -> dict[str, str]:
+    """Everything DVC stage `stage` reads, as DVC itself resolves its dvc.yaml (templating included):
+    its command, the digest of each dependency and the value of each of its params."""
+    with Repo(ROOT) as repo:
+        found = [candidate for candidate in repo.index.stages if candidate.name == stage]
+        if not found:
+            raise LookupError(f"no DVC stage '{stage}' in this repository")
+        inputs = {"cmd": str(found[0].cmd)}
+        for dependency in found[0].deps:
+            if isinstance(dependency, ParamsDependency):
+                for key, value in dependency.read_params().items():
+                    inputs[f"{dependency.def_path}:{key}"] = json.dumps(value, sort_keys=True)
+            else:
+                inputs[dependency.def_path] = content_digest(Path(dependency.fs_path))
+    return inputs
+
+
+def stage_resume(stage: str, every: int, file_name: str | None = None) -> ResumeState:
+    """The resume state of DVC stage `stage` (.resume/<file_name or stage>.pt), saved every `every`
+    steps; resumed only if everything the stage reads is as it was when the state was saved.
+
+    DVC's own list is the one used: dvc.yaml already names exactly the code, data and params each
+    stage reads, so a dependency added there is covered here too."""
+    return ResumeState(RESUME / f"{file_name or stage}.pt", stage_inputs(stage), every, label=stage)
 
 
 def run(main: Callable[[], None]) -> None:

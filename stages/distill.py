@@ -13,13 +13,13 @@ import argparse
 
 import mlflow
 
-from dfkd.checkpoint import ResumeState, freeze, load_classifier, save_classifier
+from dfkd.checkpoint import freeze, load_classifier, save_classifier
 from dfkd.distill import distill
 from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.plots import save_curves
 from dfkd.synthesis import GaussianNoise, FixedImages
 from dfkd.synthesis.methods import load_transfer_set
-from stages.common import run, MODELS, REPORTS, RESUME, load_model_input, setup
+from stages.common import run, MODELS, REPORTS, load_model_input, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -63,9 +63,10 @@ def main() -> None:
         "seed": params.seed, "device": str(device), "source": source, "recipe": method,
         "student_width": settings.student_width, **config.model_dump(),
     }
-    with stage_run(stage, logged, params.mlflow.experiment):
+    resume = stage_resume(stage, every=200)
+    with stage_run(stage, logged, params.mlflow.experiment, resume):
         curve = CurveLogger(out / "curve.csv", every=5)
-        resume = ResumeState(RESUME / f"{stage}.pt", logged, every=200)
+        resume.attach(curve=curve)
         student = distill(student, teacher, transfer_set, config, device, on_step=curve, resume=resume)
         save_classifier(student_path, student.cpu(), metadata={"source": source, "seed": params.seed})
         curve.write()

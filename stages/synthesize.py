@@ -10,10 +10,10 @@ import mlflow
 import numpy as np
 import torch
 
-from dfkd.checkpoint import ResumeState, atomic_path, freeze, load_classifier
+from dfkd.checkpoint import atomic_path, freeze, load_classifier
 from dfkd.plots import save_class_grid, save_curves
 from dfkd.synthesis.methods import METHODS, save_transfer_set
-from stages.common import run, MODELS, REPORTS, RESUME, setup
+from stages.common import run, MODELS, REPORTS, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -30,9 +30,10 @@ def main() -> None:
     chosen = METHODS[method]
 
     logged = {"seed": params.seed, "device": str(device), "method": method, method: settings.model_dump()}
-    with stage_run("synthesize", logged, params.mlflow.experiment):
+    resume = stage_resume("synthesize", every=100)
+    with stage_run("synthesize", logged, params.mlflow.experiment, resume):
         curve = CurveLogger(OUT / "losses.csv", every=5)
-        resume = ResumeState(RESUME / "synthesize.pt", logged, every=100)
+        resume.attach(curve=curve)
         transfer_set = chosen.synthesize(teacher, settings, device, on_step=curve, resume=resume)
         save_transfer_set(MODELS / "transfer_set.pt", method, transfer_set, metadata={"seed": params.seed})
 

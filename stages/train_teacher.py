@@ -8,11 +8,11 @@ import json
 
 import mlflow
 
-from dfkd.checkpoint import ResumeState, atomic_path, save_classifier
+from dfkd.checkpoint import atomic_path, save_classifier
 from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.plots import save_curves
 from dfkd.train import train_classifier
-from stages.common import run, MODELS, REPORTS, RESUME, load_model_input, setup
+from stages.common import run, MODELS, REPORTS, load_model_input, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -29,9 +29,10 @@ def main() -> None:
     model = LeNet5(ArchitectureConfig(in_channels=1, num_classes=num_classes))
 
     logged = {"seed": params.seed, "device": str(device), **settings.model_dump()}
-    with stage_run("train_teacher", logged, params.mlflow.experiment):
+    resume = stage_resume("train_teacher", every=1)
+    with stage_run("train_teacher", logged, params.mlflow.experiment, resume):
         curve = CurveLogger(OUT / "curve.csv")
-        resume = ResumeState(RESUME / "train_teacher.pt", logged, every=1)
+        resume.attach(curve=curve)
         teacher, best = train_classifier(
             model, train_images, train_labels, val_images, val_labels, settings, device, on_epoch=curve, resume=resume
         )

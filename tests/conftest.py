@@ -2,6 +2,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,13 +24,25 @@ TINY_PARAMS = {
 }
 
 
+def environment(**env) -> dict[str, str]:
+    """The environment of a stage run by a test: this virtualenv first, no tracking settings of ours."""
+    variables = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DFKD_"))}
+    return {**variables, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1", **env}
+
+
 def run(command: list[str], cwd: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DFKD_"))}
-    environment.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1", **env})
-    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=cwd, env=environment(**env), capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 120) -> None:
+    """Poll `condition` until it holds, for what another process does in its own time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def merge(base: dict, update: dict) -> dict:

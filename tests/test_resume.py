@@ -43,4 +43,5 @@ def test_interrupted_distillation_resumes_to_the_same_student(tmp_path):
 def test_resume_state_of_other_settings_is_ignored(tmp_path):
     ResumeState(tmp_path / "s.pt", {"steps": 12}, every=1).maybe_save(1, extra={"note": "x"})
     assert ResumeState(tmp_path / "s.pt", {"steps": 12}, every=1).load()["note"] == "x"
-    assert ResumeState(tmp_path / "s.pt", {"steps": 99}, every=1).restore() == {"step": 0}
+    assert ResumeState(tmp_path / "s.pt", {"steps": 99}, every=1).restore(total=12) == {"step": 0}
+    assert not (tmp_path / "s.pt").exists(), "the stale state is discarded"

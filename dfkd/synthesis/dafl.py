@@ -96,7 +96,7 @@ def train_generator(
         latent_dim=config.latent_dim, image_size=image_size, channels=channels, width=config.generator_width
     ).to(device)
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr)
-    start = resume.restore(generator=generator, optimizer=optimizer)["step"] if resume else 0
+    start = resume.restore(config.steps, generator=generator, optimizer=optimizer)["step"] if resume else 0
 
     generator.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="generator"):

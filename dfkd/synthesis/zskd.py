@@ -152,11 +152,12 @@ def optimise_images(
     Adam steps on pixel intensities kept in [0, 1]. `batch_loss(pixels, rows)`, where `rows` is the
     batch's slice of the `count` images, gives the loss to minimise and the figure to log. Returns
     the images in the teacher's input space; a killed run resumes after its last finished batch."""
-    saved = resume.restore() if resume else {"step": 0}
+    total = -(-count // batch_size) * steps
+    saved = resume.restore(total) if resume else {"step": 0}
     done = saved.get("done", 0)
     images = None if done == 0 else saved["images"]
     step = saved["step"]
-    progress = tqdm(total=-(-count // batch_size) * steps, initial=step, desc=description)
+    progress = tqdm(total=total, initial=step, desc=description)
     for start in range(done, count, batch_size):
         rows = slice(start, min(start + batch_size, count))
         pixels = start_pixels(rows.stop - rows.start).requires_grad_()
