@@ -3,9 +3,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Stages run as `python -m stages.<name>` from dvc.yaml: the venv's python must come first.
 export PATH := $(abspath $(BIN)):$(PATH)
-# Prefect's temporary server would otherwise send a telemetry heartbeat at start (and print a
-# "database is locked" traceback when its SQLite file is busy).
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup run test
 setup: $(VENV)/.installed

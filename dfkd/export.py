@@ -1,6 +1,7 @@
 """ONNX export of a classifier and the parity check against PyTorch."""
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -10,12 +11,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from dfkd.checkpoint import atomic_path
+from dfkd.checkpoint import CheckpointError, atomic_path
 from dfkd.data import IMAGE_SIZES, PIXEL_MEAN, PIXEL_STD
 from dfkd.models import LeNet5
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+# The exporter warns, at every first export, of each torchvision op it cannot register without torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 class ParityError(RuntimeError):
@@ -61,7 +64,10 @@ def export_onnx(model: LeNet5, path: str | os.PathLike, opset: int, metadata: di
 def onnx_session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
-    return ort.InferenceSession(str(Path(path)), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(Path(path)), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's InvalidProtobuf, NoSuchFile, Fail... share no base class of ours
+        raise CheckpointError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {error})") from error
 
 
 def onnx_logits(session: ort.InferenceSession, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:

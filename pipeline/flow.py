@@ -5,6 +5,11 @@ Each task runs `dvc repro --single-item <stage>`, so DVC still decides what is u
 rerun with nothing changed finishes in seconds. Parameter overrides are applied to params.yaml the
 way `dvc exp run -S key=value` applies them, after validation, before any stage starts.
 
+The parent run always describes the files on disk: a stage that DVC finds up to date, or restores
+from its run-cache, logs nothing of its own, so the flow logs the headline metrics of the metrics
+file itself and tags the parent with the stages it reused; the gate finds the registered version
+of the ONNX file on disk by its hash (pipeline/promote.py).
+
     python -m pipeline.flow                                   # run with params.yaml as it is
     python -m pipeline.flow -S distill.dafl.steps=4000 -S seed=1   # with overrides
     python -m pipeline.flow --variant amalgamation            # the amalgamation pipeline (amalgamation/dvc.yaml)
@@ -24,13 +29,16 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from ruamel.yaml import YAML
+from ruamel.yaml import YAML, YAMLError
 
 from dfkd.checkpoint import atomic_path
 from pipeline.promote import Promotion, promote
+from pipeline.stale_runs import crash_abandoned_flow_runs
 from pipeline.summary import amalgamation_table, load_amalgamation_metrics, load_metrics, summary_table
 from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
-from stages.tracking import PARENT_RUN_ENV, configure
+from stages.amalgamate_evaluate import headline_metrics as amalgamation_headline_metrics
+from stages.evaluate import headline_metrics
+from stages.tracking import PARENT_RUN_ENV, PROCESS_TAG, STAGE_TAG, configure, process_id
 
 STAGES = [
     "prepare",
@@ -48,28 +56,33 @@ AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
     for name in ("teachers", "generator", "conflicts", "group_stack", "end_to_end", "export", "evaluate")
 ]
 
+REUSED_TAG = "dfkd.reused_stages"  # stages whose outputs DVC kept or restored instead of running them
+
 
 class Variant(NamedTuple):
     stages: list[str]
     load_metrics: Callable[[], dict]
+    headline_metrics: Callable[[dict], dict[str, float]]  # what the parent run shows of them
     summary_table: Callable[[dict], str]
     artifact_key: str
     gated: bool  # the quality gate guards the alias the service loads: the distillation student's
 
 
 VARIANTS = {
-    "distillation": Variant(STAGES, load_metrics, summary_table, "pipeline-summary", gated=True),
+    "distillation": Variant(STAGES, load_metrics, headline_metrics, summary_table, "pipeline-summary", gated=True),
     "amalgamation": Variant(
-        AMALGAMATION_STAGES, load_amalgamation_metrics, amalgamation_table, "amalgamation-summary", gated=False
+        AMALGAMATION_STAGES,
+        load_amalgamation_metrics,
+        amalgamation_headline_metrics,
+        amalgamation_table,
+        "amalgamation-summary",
+        gated=False,
     ),
 }
 
 
-def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> None:
-    """Set dotted keys (`distill.dafl.steps`) in params.yaml, keeping its comments; the result is
-    validated before the file is replaced, so a bad override changes nothing."""
-    if not overrides:
-        return
+def overridden(overrides: dict[str, object], path: Path = PARAMS_FILE) -> str:
+    """The text of params.yaml with dotted keys (`distill.dafl.steps`) set, comments kept; validated."""
     round_trip = YAML()
     document = round_trip.load(path.read_text())
     for dotted, value in overrides.items():
@@ -83,24 +96,56 @@ def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> N
     buffer = StringIO()
     round_trip.dump(document, buffer)
     validate_params(YAML(typ="safe").load(buffer.getvalue()), source=f"{path.name} with overrides {overrides}")
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def apply_overrides(overrides: dict[str, object], path: Path = PARAMS_FILE) -> None:
+    """Write the overrides into params.yaml, only once the result is valid: a bad one changes nothing."""
+    if overrides:
+        text = overridden(overrides, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+class StageOutcome(NamedTuple):
+    seconds: float
+    ran: bool  # False: DVC found it up to date or restored its outputs from the run-cache
+
+
+def lock_entry(stage: str) -> dict | None:
+    """The stage's entry in its dvc.lock: what DVC recorded of its deps and outputs."""
+    dvc_file, _, name = stage.rpartition(":")
+    lock_file = ROOT / Path(dvc_file or "dvc.yaml").with_suffix(".lock")
+    lock = YAML(typ="safe").load(lock_file.read_text()) if lock_file.is_file() else None
+    return (lock or {}).get("stages", {}).get(name)
 
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")
-def run_stage(stage: str, parent_run_id: str) -> float:
-    """Run one DVC stage in its own process; return its wall time in seconds."""
+def run_stage(stage: str, parent_run_id: str) -> StageOutcome:
+    """Run one DVC stage in its own process (quiet: the stage's own output, none of DVC's advice)."""
     logger = get_run_logger()
     start = time.perf_counter()
     bin_dir = Path(sys.executable).parent  # dvc.yaml's `python -m stages...` must be this environment's
     environment = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     dvc = bin_dir / "dvc"
-    completed = subprocess.run([str(dvc), "repro", "--single-item", stage], cwd=ROOT, env=environment)
+    recorded = lock_entry(stage)
+    completed = subprocess.run([str(dvc), "repro", "--quiet", "--single-item", stage], cwd=ROOT, env=environment)
     elapsed = time.perf_counter() - start
     if completed.returncode:
         raise RuntimeError(f"stage '{stage}' failed (dvc exit code {completed.returncode}); its error is above")
-    logger.info("stage %s done in %.1f s", stage, elapsed)
-    return elapsed
+    name = stage.rpartition(":")[2]
+    client = MlflowClient()
+    ran = bool(client.search_runs(  # did the stage log a run of its own under this flow's parent?
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{name}'",
+        max_results=1,
+    ))
+    if ran:
+        logger.info("%s: ran in %.1f s", name, elapsed)
+    else:
+        how = "up to date" if lock_entry(stage) == recorded else "restored from DVC's run-cache"
+        logger.info("%s: %s", name, how)
+    return StageOutcome(elapsed, ran)
 
 
 @task(task_run_name="promote")
@@ -119,6 +164,8 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
     """Run every stage of the variant (the distillation pipeline, or the amalgamation one) and, for the
     distillation pipeline, the promotion gate; return the metrics of its evaluate stage with each
     stage's wall time (and the gate's outcome)."""
+    for name in crash_abandoned_flow_runs():
+        get_run_logger().warning("flow run %s was left running by a killed process: marked CRASHED", name)
     chosen = VARIANTS[variant]
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
@@ -127,18 +174,27 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
     parent = client.create_run(
         experiment_id,
         run_name=f"prefect {flow_run.get_name() or 'pipeline'}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id()), "overrides": repr(overrides or {}), "variant": variant},
+        tags={
+            "prefect.flow_run_id": str(flow_run.get_id()),
+            "overrides": repr(overrides or {}),
+            "variant": variant,
+            PROCESS_TAG: process_id(),  # a killed flow's parent then ends KILLED at the next stage start
+        },
     ).info.run_id
     status = "FAILED"
     try:
-        timings = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in chosen.stages}
+        outcomes = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in chosen.stages}
         promotion = promote_student(parent) if chosen.gated else None
         metrics = chosen.load_metrics()
-        metrics["stage_seconds"] = timings
+        metrics["stage_seconds"] = {stage: outcome.seconds for stage, outcome in outcomes.items()}
         if promotion:
             metrics["promotion"] = promotion.report()
-        for stage, seconds in timings.items():
+        for stage, seconds in metrics["stage_seconds"].items():
             client.log_metric(parent, f"seconds_{stage}", seconds)
+        for name, value in chosen.headline_metrics(metrics).items():
+            client.log_metric(parent, name, value)
+        metrics["reused_stages"] = [stage for stage, outcome in outcomes.items() if not outcome.ran]
+        client.set_tag(parent, REUSED_TAG, ", ".join(metrics["reused_stages"]))
         create_markdown_artifact(
             chosen.summary_table(metrics), key=chosen.artifact_key, description=f"Results of the {variant} pipeline"
         )
@@ -154,8 +210,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
-            raise SystemExit(f"override '{pair}' is not of the form key=value")
-        overrides[key] = YAML(typ="safe").load(value)
+            raise ParamsError(f"-S {pair}: not of the form key=value")
+        try:
+            overrides[key] = YAML(typ="safe").load(value)
+        except YAMLError as error:
+            raise ParamsError(f"-S {pair}: the value is not valid YAML ({error.problem})") from None
     return overrides
 
 
@@ -164,7 +223,13 @@ def main() -> None:
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--variant", choices=VARIANTS, default="distillation", help="which pipeline to run")
     args = parser.parse_args()
-    metrics = pipeline(overrides=parse_overrides(args.set_param), variant=args.variant)
+    try:  # a mistake costs one line here, before Prefect starts, not a failed flow run
+        overrides = parse_overrides(args.set_param)
+        overridden(overrides)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    metrics = pipeline(overrides=overrides, variant=args.variant)
     print("\n" + VARIANTS[args.variant].summary_table(metrics))
 
 

@@ -2,10 +2,14 @@
 it passes the thresholds in params.yaml (`promote`), else keep it registered, tag it with the reasons,
 and leave the alias on the version that holds it.
 
-The export stage registers every exported student with `mlflow.alias` (candidate); this step reads
-metrics.json (evaluate) and reports/export/parity.json (export) and moves `promote.alias` (champion).
+The export stage registers every exported student with `mlflow.alias` (candidate) and tags it with
+the sha256 of its ONNX file; this step reads metrics.json (evaluate) and reports/export/parity.json
+(export), and gates the registered version of the ONNX file on disk, found by that hash: when DVC
+restores a student from its run-cache instead of running the export (`dvc exp run -S
+synthesize.method=zskd`, then back to `dafl`), the file on disk is an earlier version, and
+`candidate` is moved back to it before the gate.
 
-    python -m pipeline.promote       # after `dvc repro`; exit code 1 when the student is not promoted
+    python -m pipeline.promote       # after `dvc repro`; exit code 1: not promoted, 2: nothing to gate
 """
 
 import hashlib
@@ -14,11 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from pipeline.summary import METRICS_FILE
 from stages.export import ONNX_PATH, ONNX_SHA256_TAG, OUT as EXPORT_REPORTS
-from stages.params import Params, PromoteParams, load_params
+from stages.params import Params, ParamsError, PromoteParams, load_params
 from stages.tracking import configure
 
 GATE_TAG = "dfkd.gate"
@@ -46,6 +52,11 @@ def gate_failures(metrics: dict, parity: dict, thresholds: PromoteParams, max_ab
     return failures
 
 
+class PromotionError(RuntimeError):
+    """Nothing that can be gated (no reports, or no registered version of the ONNX file); the message says
+    what to run. Distinct from a student that was gated and not promoted."""
+
+
 @dataclass(frozen=True)
 class Promotion:
     model: str
@@ -64,6 +75,24 @@ class Promotion:
         return "\n".join(lines + [f"  - {failure}" for failure in self.failures])
 
 
+def existing(path: Path) -> Path:
+    if not path.is_file():
+        raise PromotionError(f"{path}: does not exist; run the pipeline (`dvc repro`) before the gate")
+    return path
+
+
+def registered_version(client: MlflowClient, name: str, onnx_file: Path) -> ModelVersion:
+    """The newest version of `name` whose ONNX file is byte for byte `onnx_file`."""
+    digest = hashlib.sha256(existing(onnx_file).read_bytes()).hexdigest()
+    versions = client.search_model_versions(f"name = '{name}' and tags.`{ONNX_SHA256_TAG}` = '{digest}'")
+    if not versions:
+        raise PromotionError(
+            f"{onnx_file}: no version of '{name}' in {mlflow.get_tracking_uri()} is this file (none is tagged with "
+            "its sha256): DVC restored it without running the export; `dvc repro --force export` registers it"
+        )
+    return max(versions, key=lambda version: int(version.version))
+
+
 def promote(
     params: Params,
     metrics_file: Path = METRICS_FILE,
@@ -74,12 +103,10 @@ def promote(
     configure(params.mlflow.experiment)
     client = MlflowClient()
     name, alias = params.mlflow.registered_model, params.promote.alias
-    candidate = client.get_model_version_by_alias(name, params.mlflow.alias)
-    failures = gate_failures(
-        json.loads(metrics_file.read_text()), json.loads(parity_file.read_text()), params.promote, params.export.max_abs_diff
-    )
-    if candidate.tags.get(ONNX_SHA256_TAG) != hashlib.sha256(onnx_file.read_bytes()).hexdigest():
-        failures.append(f"{name} v{candidate.version} @{params.mlflow.alias} is not the evaluated {onnx_file.name}")
+    candidate = registered_version(client, name, onnx_file)
+    metrics, parity = (json.loads(existing(path).read_text()) for path in (metrics_file, parity_file))
+    failures = gate_failures(metrics, parity, params.promote, params.export.max_abs_diff)
+    client.set_registered_model_alias(name, params.mlflow.alias, candidate.version)
     if not failures:
         client.set_registered_model_alias(name, alias, candidate.version)
     client.set_model_version_tag(name, candidate.version, GATE_TAG, "failed" if failures else "passed")
@@ -89,7 +116,11 @@ def promote(
 
 
 def main() -> None:
-    promotion = promote(load_params())
+    try:
+        promotion = promote(load_params())
+    except (ParamsError, PromotionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     print(promotion.report())
     sys.exit(0 if promotion.promoted else 1)
 

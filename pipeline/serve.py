@@ -1,6 +1,6 @@
 """Serve the pipeline as a Prefect deployment that users trigger, with parameters, from the Prefect
 server (UI or CLI). Needs a running server: `prefect server start` in another terminal, then
-`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.
+`export PREFECT_API_URL=http://127.0.0.1:4200/api` here and where you trigger runs.
 
     python -m pipeline.serve
     prefect deployment run 'data-free-distillation/dfkd-pipeline' \

@@ -49,9 +49,16 @@ def summary_table(metrics: dict) -> str:
             f"- wall time: synthesis {seconds['synthesize']:.0f} s, distillation {seconds['distill']:.0f} s, "
             f"whole pipeline {sum(seconds.values()):.0f} s"
         )
+    lines += reused_line(metrics)
     if "promotion" in metrics:
         lines.append(metrics["promotion"])
     return "\n".join(lines)
+
+
+def reused_line(metrics: dict) -> list[str]:
+    """Which stages DVC did not run (up to date, or restored from its run-cache), if any."""
+    reused = metrics.get("reused_stages")
+    return [f"- reused by DVC, not run: {', '.join(reused)}"] if reused else []
 
 
 def load_amalgamation_metrics() -> dict:
@@ -90,7 +97,7 @@ def amalgamation_table(metrics: dict) -> str:
     ]
     if "stage_seconds" in metrics:
         lines.append(f"- wall time: whole amalgamation pipeline {sum(metrics['stage_seconds'].values()):.0f} s")
-    return "\n".join(lines)
+    return "\n".join(lines + reused_line(metrics))
 
 
 if __name__ == "__main__":

@@ -99,23 +99,27 @@ def main() -> None:
         write_json(METRICS, metrics)
         per_class = write_confusion_reports(OUT, labels.numpy(), predicted, matrix, "Amalgamated student on the real test split")
 
-        headline = {
-            "amalgamation_naive_accuracy": metrics["naive_combination"]["accuracy"],
-            "amalgamation_student_accuracy": student["accuracy"],
-            "amalgamation_end_to_end_accuracy": metrics["student_end_to_end"]["accuracy"],
-            "amalgamation_reference_accuracy": metrics["reference"]["accuracy"],
-        }
+        headline = headline_metrics(metrics)
         mlflow.log_metrics({**headline, "student_onnx_accuracy": student["onnx_accuracy"],
                             "student_parameters": student["parameters"], "teachers_parameters": together["parameters"],
                             **{f"student_class_{k}_accuracy": v for k, v in enumerate(per_class) if not np.isnan(v)}})
         mlflow.log_artifact(str(METRICS))
         mlflow.log_artifacts(str(OUT), "reports")
-        # The headline figures on the parent run too, so pipeline runs compare side by side.
         parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
         client = mlflow.tracking.MlflowClient()
         for name, value in headline.items():
             client.log_metric(parent, name, value)
         print("amalgamate_evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+
+
+def headline_metrics(metrics: dict) -> dict[str, float]:
+    """The figures that put amalgamation runs side by side, logged on the parent run too."""
+    return {
+        "amalgamation_naive_accuracy": metrics["naive_combination"]["accuracy"],
+        "amalgamation_student_accuracy": metrics["student"]["accuracy"],
+        "amalgamation_end_to_end_accuracy": metrics["student_end_to_end"]["accuracy"],
+        "amalgamation_reference_accuracy": metrics["reference"]["accuracy"],
+    }
 
 
 def accuracy_on_own(logits: torch.Tensor, group: tuple[int, ...], labels: torch.Tensor) -> float:

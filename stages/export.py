@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -64,6 +65,7 @@ def export_student(
             input_example=example.astype(np.float32),
             registered_model_name=registered_model,
             save_as_external_data=False,  # one file, byte-identical to the exported ONNX file
+            onnx_execution_providers=ort.get_available_providers(),  # MLflow's default names CUDA, even where absent
         )
         version = info.registered_model_version
         client = MlflowClient()

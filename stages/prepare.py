@@ -30,7 +30,7 @@ def main() -> None:
         take = lambda idx: Split(full.images[idx], full.labels[idx])  # noqa: E731
         splits = {"train": take(train_idx), "val": take(val_idx), "test": take(test_idx)}
     else:
-        train_full, test = load_idx_dataset(ROOT / settings.idx_dir)
+        train_full, test = load_idx_dataset(ROOT / settings.data_dir)
         train_idx, val_idx = stratified_split(train_full.labels, [1 - settings.val_fraction], params.seed)
         splits = {
             "train": Split(train_full.images[train_idx], train_full.labels[train_idx]),

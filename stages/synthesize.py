@@ -52,9 +52,7 @@ def main() -> None:
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", f"{method} synthesis losses")
         save_class_grid(samples.cpu(), predicted, teacher.config.num_classes, OUT / "samples.png")
-        (OUT / "method").mkdir(parents=True, exist_ok=True)  # a DVC output even for a method without figures
-        if chosen.save_figures:
-            chosen.save_figures(transfer_set, OUT / "method")
+        chosen.save_figures(transfer_set, OUT / "method")
         with atomic_path(OUT / "balance.json") as tmp:
             tmp.write_text(json.dumps(balance, indent=2))
         mlflow.log_metrics({k: v for k, v in balance.items() if k != "class_counts"})

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import run
+from conftest import copy_project, run
 from pipeline.flow import STAGES, apply_overrides, parse_overrides
 from stages.params import ParamsError
 
@@ -51,6 +51,7 @@ def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     params = tmp_path / "params.yaml"
     original = "# comment kept\ndistill:\n  lr: 0.002\n  dafl:\n    steps: 10  # inline comment\n"
     params.write_text(original)
+    params.chmod(0o640)
     with pytest.raises(ParamsError, match=r"distill.lr: Input should be greater than 0"):
         apply_overrides({"distill.lr": -1.0}, params)
     assert params.read_text() == original
@@ -58,9 +59,23 @@ def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
         apply_overrides({"nowhere.steps": 1}, params)
     apply_overrides(parse_overrides(["distill.dafl.steps=30"]), params)
     assert "steps: 30  # inline comment" in params.read_text() and "# comment kept" in params.read_text()
+    assert params.stat().st_mode & 0o777 == 0o640, "the file keeps its mode"
 
 
 def test_override_syntax_errors_are_reported():
     assert parse_overrides(["seed=3", "distill.lr=1e-3"]) == {"seed": 3, "distill.lr": 1e-3}
-    with pytest.raises(SystemExit, match="not of the form key=value"):
+    with pytest.raises(ParamsError, match="-S seed: not of the form key=value"):
         parse_overrides(["seed"])
+    with pytest.raises(ParamsError, match=r"-S seed=\[1: the value is not valid YAML"):
+        parse_overrides(["seed=[1"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("distill.lr=-1", "distill.lr: Input should be greater than 0"), ("seed=[1", "the value is not valid YAML")],
+)
+def test_a_bad_override_is_one_line_and_exit_code_2_before_prefect_starts(tmp_path, override, expected):
+    root = copy_project(tmp_path, {})
+    result = run([sys.executable, "-m", "pipeline.flow", "-S", override], root, check=False)
+    assert result.returncode == 2 and expected in result.stderr
+    assert "Traceback" not in result.stderr and "prefect" not in (result.stdout + result.stderr).lower()

@@ -8,6 +8,7 @@ import onnxruntime as ort
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, run
+from dfkd.checkpoint import current_umask
 from pipeline.flow import apply_overrides
 from stages.params import load_params
 from stages.tracking import INVOCATION_TAG
@@ -27,6 +28,8 @@ def test_dvc_repro_writes_metrics_for_every_model(tiny_project):
     assert "student" in shown and "accuracy" in shown
     for report in ("synthesize/samples.png", "evaluate/confusion.png", "train_teacher/curve.png", "distill/curve.png"):
         assert (tiny_project / "reports" / report).read_bytes().startswith(b"\x89PNG")
+    for output in ("models/teacher.pt", "models/student.onnx", "metrics.json", "reports/synthesize/balance.json"):
+        assert (tiny_project / output).stat().st_mode & 0o777 == 0o666 & ~current_umask(), f"{output}: the user's umask"
 
 
 def test_onnx_student_runs_in_onnxruntime_like_the_evaluation(tiny_project):
@@ -80,3 +83,18 @@ def test_dvc_repro_reruns_only_what_a_change_affects(tiny_project):
     # students' checkpoints really change. Nothing upstream of distillation reruns.
     rerun = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
     assert rerun == {"distill", "baseline_noise", "baseline_real"}
+
+
+def test_options_of_the_method_not_selected_rerun_nothing(tiny_project):
+    params_file = tiny_project / "params.yaml"
+    params = params_file.read_text()
+    current = load_params(params_file)
+    apply_overrides(
+        {"synthesize.zskd.steps": current.synthesize.zskd.steps + 1, "distill.zskd.steps": current.distill.zskd.steps + 1},
+        params_file,
+    )
+    try:
+        dry = run([str(BIN / "dvc"), "repro", "--dry"], tiny_project).stdout
+    finally:
+        params_file.write_text(params)
+    assert "Running stage" not in dry, "DAFL is selected: its synthesis and distillations do not read zskd options"

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.promote import GATE_TAG, REASONS_TAG, gate_failures, promote
+from pipeline.promote import GATE_TAG, REASONS_TAG, PromotionError, gate_failures, promote
 from stages.export import ONNX_SHA256_TAG
 from stages.params import PromoteParams, validate_params
 
@@ -115,11 +115,32 @@ def test_a_passing_version_becomes_champion_and_a_failing_one_leaves_it(registry
     assert f"stays on v{first}" in promotion.report() and "below promote.min_accuracy" in promotion.report()
 
 
-def test_a_version_that_is_not_the_evaluated_file_is_not_promoted(registry):
+def test_the_gate_follows_the_file_on_disk_when_dvc_restored_an_earlier_export(registry):
+    """`dvc exp run -S synthesize.method=zskd`, then back to dafl: DVC restores the first student's files
+    from its run-cache without running the export, and @candidate still names the second version."""
     params = validate_params({"mlflow": {"experiment": "promote-test"}})
-    export_version(registry, params, bias=0.0, scores=(0.97, 0.95))
-    (registry / "models" / "student.onnx").write_bytes(b"another file")  # evaluated something else
+    client = MlflowClient()
+    name = params.mlflow.registered_model
+    first = export_version(registry, params, bias=0.0, scores=(0.97, 0.95))
+    restored = (registry / "models" / "student.onnx").read_bytes()
+    export_version(registry, params, bias=1.0, scores=(0.97, 0.80))
+    (registry / "models" / "student.onnx").write_bytes(restored)
+    (registry / "metrics.json").write_text(json.dumps(metrics(0.97, 0.95)))
+
     promotion = promote_in(registry, params)
-    assert not promotion.promoted and promotion.serving_version is None
-    assert "is not the evaluated student.onnx" in promotion.failures[0]
-    assert "is on no version yet" in promotion.report()
+    assert promotion.promoted and promotion.version == first and promotion.serving_version == first
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == first
+
+
+def test_nothing_to_gate_is_an_error_naming_what_to_run(registry):
+    params = validate_params({"mlflow": {"experiment": "promote-test"}})
+    with pytest.raises(PromotionError, match="student.onnx: does not exist; run the pipeline"):
+        promote_in(registry, params)
+    export_version(registry, params, bias=0.0, scores=(0.97, 0.95))
+    (registry / "metrics.json").unlink()
+    with pytest.raises(PromotionError, match="metrics.json: does not exist; run the pipeline"):
+        promote_in(registry, params)
+    (registry / "models" / "student.onnx").write_bytes(b"another file")  # never exported
+    with pytest.raises(PromotionError, match="no version of 'dfkd-student' .* is this file .*dvc repro --force export"):
+        promote_in(registry, params)
+    assert "champion" not in MlflowClient().get_registered_model("dfkd-student").aliases

@@ -7,6 +7,8 @@ features (activation loss) and that cover every class evenly over a batch (infor
 """
 
 from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator, LeNet5
+from dfkd.plots import save_class_grid
 
 
 class DAFLConfig(BaseModel):
@@ -55,12 +58,26 @@ class GeneratorTransferSet:
         return cls(generator, device)
 
     @torch.no_grad()
-    def sample(self, batch_size: int) -> torch.Tensor:
-        latent = torch.randn(batch_size, self.generator.latent_dim, device=self.device)
+    def generate(self, latent: torch.Tensor) -> torch.Tensor:
         # Batch statistics, as during the generator's training: its final affine-free batch norm is
         # what puts samples at the scale of normalised real inputs.
         self.generator.train()
-        return self.generator(latent)
+        return self.generator(latent.to(self.device))
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        return self.generate(torch.randn(batch_size, self.generator.latent_dim, device=self.device))
+
+
+def save_figures(transfer_set: GeneratorTransferSet, directory: Path, rows: int = 10, steps: int = 8) -> None:
+    """Walks through the generator's latent space, each row from one random latent vector to another:
+    smooth rows show a generator that learnt a continuous space of images, not a few it repeats."""
+    start, end = torch.randn(2, rows, 1, transfer_set.generator.latent_dim)
+    weights = torch.linspace(0, 1, steps).view(1, steps, 1)
+    images = transfer_set.generate(((1 - weights) * start + weights * end).flatten(0, 1))
+    save_class_grid(
+        images.cpu(), torch.arange(rows).repeat_interleave(steps), rows, directory / "latent_walks.png", per_class=steps,
+        title="Generator latent walks: each row blends two random latent vectors",
+    )
 
 
 def dafl_losses(teacher: LeNet5, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

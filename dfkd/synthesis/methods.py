@@ -14,11 +14,11 @@ from dfkd.synthesis import TransferSet, dafl, zskd
 class Method(NamedTuple):
     synthesize: Callable[..., TransferSet]
     transfer_set: type  # the class that loads what `synthesize` returned and was saved
-    save_figures: Callable[[TransferSet, Path], None] | None = None  # figures only this method has
+    save_figures: Callable[[TransferSet, Path], None]  # figures only this method has
 
 
 METHODS = {
-    "dafl": Method(dafl.synthesize, dafl.GeneratorTransferSet),
+    "dafl": Method(dafl.synthesize, dafl.GeneratorTransferSet, dafl.save_figures),
     "zskd": Method(zskd.synthesize, zskd.ImpressionTransferSet, zskd.save_figures),
 }
 
