@@ -15,7 +15,7 @@ RUN pip install --no-cache-dir --requirement requirements-serving.txt
 # The service: no PyTorch, no MLflow, a non-root user, a health check on /ready.
 FROM runtime AS serving
 COPY serving/ serving/
-# The pipeline writes models/ readable by its owner only; the service's user must read the model.
+# Readable by the service's user whatever the umask the pipeline wrote it with.
 COPY --chmod=444 models/student.onnx model/student.onnx
 RUN useradd --system --no-create-home --uid 10001 serving
 USER serving

@@ -4,7 +4,10 @@ A checkpoint is a dict of tensors and plain values (the architecture config, met
 `torch.save` and read back with `torch.load(weights_only=True)`: loading never unpickles code.
 """
 
+import errno
+import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +22,17 @@ from dfkd.models import ArchitectureConfig, LeNet5, TargetNet, TargetNetConfig
 NETWORKS = {"LeNet5": (LeNet5, ArchitectureConfig), "TargetNet": (TargetNet, TargetNetConfig)}
 
 
+CHECKSUM_KEY = "sha256"  # of the rest of the payload, stored beside it
+
+
+# Why a write fails when the disk or the folder is at fault, not the program.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class OutputError(RuntimeError):
+    """An output that cannot be written (disk full, read-only folder); the message names the file."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted or of the wrong kind; the message names the file."""
 
@@ -28,23 +42,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
 
     The rename is atomic on POSIX, so readers (DVC, the next stage) see the old file or the whole new
-    one, never half a file, even if the process is killed midway.
+    one, never half a file, even if the process is killed midway. The file keeps the mode of the one it
+    replaces; a new one gets the user's umask, like any file the user creates (mkstemp's is 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(handle, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
+        os.close(handle)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot be written ({error.strerror})") from error
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:  # e.g. an input the block reads that is missing
+            raise
+        raise OutputError(f"{path}: cannot be written ({error.strerror})") from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def payload_sha256(payload: dict) -> str:
+    """sha256 of every tensor's bytes (with its dtype and shape) and every plain value of a payload, in
+    a fixed order: torch.load does not check the archive's CRCs, so a flipped bit would load silently."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save({**payload, CHECKSUM_KEY: payload_sha256(payload)}, tmp)
+        except RuntimeError as error:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
+            raise OutputError(f"{path}: cannot be written ({error})") from error
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
@@ -59,6 +115,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
     if not isinstance(payload, dict) or payload.get("kind") != kind:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: expected a '{kind}' checkpoint, found '{found}'")
+    if payload.pop(CHECKSUM_KEY, None) != payload_sha256(payload):
+        raise CheckpointError(
+            f"{path}: its contents do not match the checksum saved with them (damaged on disk or in transfer, or "
+            "written by an older version): write it again, e.g. rerun the stage that made it"
+        )
     return payload
 
 

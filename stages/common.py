@@ -13,7 +13,7 @@ from dvc.dependency import ParamsDependency
 from dvc.repo import Repo
 
 from dfkd.amalgamation import AmalgamationError
-from dfkd.checkpoint import CheckpointError, ResumeState
+from dfkd.checkpoint import CheckpointError, OutputError, ResumeState
 from dfkd.data import DataError, load_split, to_model_input
 from dfkd.export import ParityError
 from dfkd.synthesis import SynthesisError
@@ -82,10 +82,11 @@ def stage_resume(stage: str, every: int, file_name: str | None = None) -> Resume
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main; bad input (params, data, checkpoints, a teacher that the synthesis method
-    cannot use, teachers that cannot be amalgamated, ONNX parity) ends it with a one-line error naming
-    the key or file and exit code 2, instead of a traceback."""
+    cannot use, teachers that cannot be amalgamated, ONNX parity) or an output that cannot be written
+    (disk full, read-only folder) ends it with a one-line error naming the key or file and exit code 2,
+    instead of a traceback."""
     try:
         main()
-    except (ParamsError, DataError, CheckpointError, SynthesisError, AmalgamationError, ParityError) as error:
+    except (ParamsError, DataError, CheckpointError, OutputError, SynthesisError, AmalgamationError, ParityError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

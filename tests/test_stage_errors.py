@@ -4,9 +4,12 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
-from conftest import copy_project, run
+from conftest import PROJECT as PROJECT_ROOT, copy_project, run
+from dfkd.checkpoint import save_checkpoint, save_classifier
+from dfkd.models import ArchitectureConfig, LeNet5
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_invalid_param_names_the_key_before_training(project):
 
 def test_missing_idx_directory_is_named(project):
     original = (project / "params.yaml").read_text()
-    set_params(project, {"prepare": {"source": "idx", "idx_dir": "data/my-mnist"}})
+    set_params(project, {"prepare": {"source": "idx", "data_dir": "data/my-mnist"}})
     try:
         result, _ = run_stage(project, "prepare")
     finally:
@@ -59,3 +62,56 @@ def test_missing_split_and_corrupted_checkpoint_are_named(project):
     result, _ = run_stage(project, "synthesize")
     assert result.returncode == 2 and "models/teacher.pt: corrupted or not a checkpoint" in result.stderr
     assert not (project / "models/transfer_set.pt").exists()
+
+
+def write_classifiers(project, *names):
+    for name in names:
+        save_classifier(project / "models" / name, LeNet5(ArchitectureConfig()))
+
+
+def test_a_corrupt_onnx_file_is_named_by_evaluate(project):
+    write_classifiers(project, "teacher.pt", "student.pt", "student_noise.pt", "student_real.pt")
+    (project / "models/student.onnx").write_bytes(b"\x08\x07 not a protobuf of a model")
+    result, _ = run_stage(project, "evaluate")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "models/student.onnx: not a loadable ONNX model" in result.stderr
+
+
+def test_a_transfer_set_of_the_wrong_shape_is_named_by_distill(project):
+    write_classifiers(project, "teacher.pt")
+    impressions = {name: torch.zeros(4, 10) for name in ("targets", "classes", "scales", "similarity")}
+    payload = {"kind": "transfer_set", "method": "zskd", **impressions, "images": [[0.0] * 4], "metadata": {}}
+    save_checkpoint(project / "models/transfer_set.pt", payload)
+    result = run([sys.executable, "-m", "stages.distill", "--source", "synthetic"], project, check=False,
+                 MLFLOW_TRACKING_URI="sqlite:///unused.db")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "transfer_set.pt: zskd transfer set does not match its architecture (images should be tensors, got list)" in result.stderr
+
+
+def test_the_gate_with_nothing_registered_says_so_with_exit_code_2(project, tmp_path):
+    (project / "models").mkdir(exist_ok=True)
+    (project / "models/student.onnx").write_text("an export the registry never saw")
+    result = run([sys.executable, "-m", "pipeline.promote"], project, check=False,
+                 MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'empty.db'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no version of 'dfkd-student'" in result.stderr and "dvc repro --force export" in result.stderr
+
+
+WRITE_LIMITED = """
+import resource, signal, sys
+from dfkd.checkpoint import OutputError, save_classifier
+from dfkd.models import ArchitectureConfig, LeNet5
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+try:
+    save_classifier(sys.argv[1], LeNet5(ArchitectureConfig()))
+except OutputError as error:
+    print(error)
+"""
+
+
+def test_a_full_disk_names_the_output_and_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "models" / "teacher.pt"
+    result = run([sys.executable, "-c", WRITE_LIMITED, str(target)], PROJECT_ROOT)
+    assert result.stdout.startswith(f"{target}: cannot be written")
+    assert list(tmp_path.rglob("*")) == [target.parent], "neither the checkpoint nor its temporary file is left"

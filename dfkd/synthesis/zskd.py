@@ -131,6 +131,10 @@ class ImpressionTransferSet(FixedImages):
 
     @classmethod
     def from_checkpoint(cls, payload: dict, device: torch.device) -> "ImpressionTransferSet":
+        fields = ("images", "targets", "classes", "scales", "similarity")
+        not_tensors = [name for name in fields if not isinstance(payload[name], torch.Tensor)]
+        if not_tensors:
+            raise ValueError(f"{', '.join(not_tensors)} should be tensors, got {type(payload[not_tensors[0]]).__name__}")
         images = payload["images"]
         if images.ndim != 4 or len(payload["targets"]) != len(images):
             raise ValueError(f"expected images (N, C, H, W) with N targets, got {tuple(images.shape)}")
