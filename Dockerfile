@@ -44,6 +44,7 @@ COPY stages/ stages/
 COPY pipeline/ pipeline/
 COPY serving/ serving/
 COPY amalgamation/ amalgamation/
+COPY data/user/ data/user/
 RUN git init --quiet \
     && git add --all \
     && git -c user.name=image -c user.email=image@localhost commit --quiet --message "pipeline image"

@@ -139,3 +139,30 @@ def test_every_module_the_stages_need_is_copied_into_the_pipeline_image():
         package = stage_command.split(".")[0]
         assert package in copied, f"dvc.yaml runs {stage_command} but the image lacks {package}/"
     assert {"dfkd", "pipeline", "serving"} <= copied
+
+
+def test_every_dvc_dependency_that_no_stage_makes_is_copied_into_the_pipeline_image():
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+    def resolved(path: str) -> str:  # dvc.yaml's ${section.key} templating, from params.yaml
+        def value(match: re.Match) -> str:
+            found = params
+            for key in match.group(1).split("."):
+                found = found[key]
+            return str(found)
+
+        return re.sub(r"\$\{([\w.]+)\}", value, path)
+
+    outputs = pipeline_outputs() | {
+        out if isinstance(out, str) else next(iter(out))
+        for stage in yaml.safe_load((PROJECT / "amalgamation/dvc.yaml").read_text())["stages"].values()
+        for out in stage.get("outs", [])
+    }
+    copied = {source.rstrip("/") for *sources, _ in copies("pipeline") for source in sources}
+    for dvc_file in ("dvc.yaml", "amalgamation/dvc.yaml"):
+        for name, stage in yaml.safe_load((PROJECT / dvc_file).read_text())["stages"].items():
+            for dep in map(resolved, stage["deps"]):
+                made = any(dep == out or dep.startswith(f"{out}/") for out in outputs)
+                shipped = any(dep == source or dep.startswith(f"{source}/") for source in copied)
+                assert made or shipped, f"{dvc_file}:{name} depends on {dep}, which the pipeline image lacks"
+                assert made or not dockerignored(dep), f"{dvc_file}:{name} depends on {dep}, which .dockerignore drops"
