@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dfkd.checkpoint import CheckpointError, atomic_path, current_umask, load_classifier, save_classifier
+from dfkd.checkpoint import CheckpointError, OutputError, atomic_path, current_umask, load_classifier, save_classifier
 from dfkd.models import ArchitectureConfig, Generator, LeNet5
 from dfkd.synthesis.dafl import GeneratorTransferSet
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
@@ -73,6 +73,12 @@ def test_atomic_writes_keep_the_mode_of_the_file_they_replace_and_the_umask_for_
     with atomic_path(tmp_path / "kept.txt") as tmp:
         tmp.write_text("replaced")
     assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_folder_that_cannot_take_the_output_is_named(tmp_path):
+    (tmp_path / "models").write_text("a file where the folder should be")
+    with pytest.raises(OutputError, match=r"models/teacher.pt: cannot be written \(File exists\)"):
+        save_classifier(tmp_path / "models" / "teacher.pt", LeNet5(ArchitectureConfig()))
 
 
 def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
