@@ -66,8 +66,11 @@ def copy_project(destination: Path, params_update: dict) -> Path:
     (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (
         ["git", "init", "-q"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "copy"],
+        # Its own identity: `dvc exp run` commits, and a fresh machine has no global one.
+        ["git", "config", "user.name", "dfkd tests"],
+        ["git", "config", "user.email", "tests@localhost"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "copy"],
     ):
         run(command, destination)
     return destination
