@@ -33,34 +33,37 @@ from tqdm.auto import tqdm
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.distill import draw_pool
+from dfkd.inputs import InputSpec
 from dfkd.losses import information_entropy_loss, kd_loss
-from dfkd.models import LabelUnion, LeNet5, TargetNet
+from dfkd.models import LabelUnion, TargetNet
 from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
-from dfkd.synthesis.zskd import initial_pixels, optimise_images, to_teacher_input, total_variation
+from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
+from dfkd.teacher import Teacher
 
 ADAPTER_FIT_IMAGES = 2048  # transfer-set images the adapters are fitted on at the start of each block phase
+GROUP_STACK = "group-stack training"  # who needs the teachers' blocks, for the error of a teacher without
 
 
 class AmalgamationError(ValueError):
     """Teachers that cannot be amalgamated together; the message names the teacher and the problem."""
 
 
-def check_teachers(teachers: dict[str, LeNet5], classes: dict[str, list[int]]) -> None:
-    """Every teacher must take the same input and have one output per class it is declared with."""
-    names = list(teachers)
-    first = teachers[names[0]].config
-    for name in names:
-        config = teachers[name].config
-        if (config.in_channels, config.image_size) != (first.in_channels, first.image_size):
+def check_teachers(specs: dict[str, InputSpec], classes: dict[str, list[int]]) -> None:
+    """Every teacher must take the same input (shape and normalisation) and have one output per
+    class it is declared with; `specs` are their inputs by name."""
+    names = list(specs)
+    first = specs[names[0]]
+    for name, spec in specs.items():
+        if (spec.shape, spec.mean, spec.std) != (first.shape, first.mean, first.std):
             raise AmalgamationError(
-                f"teacher '{name}' takes {config.in_channels}x{config.image_size}x{config.image_size} inputs but "
-                f"teacher '{names[0]}' takes {first.in_channels}x{first.image_size}x{first.image_size}: "
-                "amalgamated teachers must share one input shape"
+                f"teacher '{name}' takes {'x'.join(map(str, spec.shape))} inputs normalised by mean {list(spec.mean)}, "
+                f"std {list(spec.std)} but teacher '{names[0]}' takes {'x'.join(map(str, first.shape))} by mean "
+                f"{list(first.mean)}, std {list(first.std)}: amalgamated teachers must share one input"
             )
-        if config.num_classes != len(classes[name]):
+        if spec.num_classes != len(classes[name]):
             raise AmalgamationError(
-                f"teacher '{name}' has {config.num_classes} outputs but is declared with "
+                f"teacher '{name}' has {spec.num_classes} outputs but is declared with "
                 f"{len(classes[name])} classes {classes[name]}"
             )
 
@@ -79,7 +82,7 @@ class GeneratorConfig(DAFLConfig):
     union_entropy_weight: float = Field(5.0, ge=0)
 
 
-def generator_losses(teachers: list[LeNet5], union: LabelUnion, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def generator_losses(teachers: list[Teacher], union: LabelUnion, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """DAFL's terms for each teacher, averaged over the teachers, and the information entropy of the
     combined prediction over the union of labels (unweighted)."""
     logits, terms = zip(*(dafl_losses(teacher, images) for teacher in teachers))
@@ -89,7 +92,7 @@ def generator_losses(teachers: list[LeNet5], union: LabelUnion, images: torch.Te
 
 
 def synthesize(
-    teachers: list[LeNet5],
+    teachers: list[Teacher],
     groups: tuple[tuple[int, ...], ...],
     config: GeneratorConfig,
     device: torch.device,
@@ -97,16 +100,14 @@ def synthesize(
     resume: ResumeState | None = None,
 ) -> GeneratorTransferSet:
     """Train one DAFL generator against all `teachers` (frozen, eval mode; teacher i predicts `groups[i]`)."""
-    teachers = [teacher.to(device).eval() for teacher in teachers]
+    teachers = [teacher.to(device) for teacher in teachers]
     union = LabelUnion(groups).to(device)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses = generator_losses(teachers, union, images)
         return weighted_total(losses, config) + config.union_entropy_weight * losses["union_entropy"], losses
 
-    first = teachers[0].config
-    image_shape = (first.in_channels, first.image_size, first.image_size)
-    return train_generator(generator_loss, image_shape, config, device, on_step, resume)
+    return train_generator(generator_loss, teachers[0].spec.shape, config, device, on_step, resume)
 
 
 class ConflictConfig(BaseModel):
@@ -120,7 +121,7 @@ class ConflictConfig(BaseModel):
 
 
 def synthesize_conflicts(
-    teachers: list[LeNet5],
+    teachers: list[Teacher],
     config: ConflictConfig,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -130,18 +131,17 @@ def synthesize_conflicts(
     random per image: optimised from noise (frozen teachers, eval mode), a batch at a time; a killed
     run resumes after its last finished batch. Which teacher is right is left to the teachers'
     outputs on them, as on any transfer image."""
-    teachers = [teacher.to(device).eval() for teacher in teachers]
-    first = teachers[0].config
-    shape = (first.in_channels, first.image_size, first.image_size)
+    teachers = [teacher.to(device) for teacher in teachers]
+    spec = teachers[0].spec
     # Drawn before any resume: the same seed gives the same classes, so a resumed run keeps them.
-    wanted = [torch.randint(teacher.config.num_classes, (config.images,)).to(device) for teacher in teachers]
+    wanted = [torch.randint(teacher.spec.num_classes, (config.images,)).to(device) for teacher in teachers]
 
     def batch_loss(pixels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = to_teacher_input(pixels)
+        inputs = spec.normalise(pixels)
         disagreement = sum(F.cross_entropy(teacher(inputs), classes[rows]) for teacher, classes in zip(teachers, wanted))
         return disagreement + config.total_variation_weight * total_variation(pixels).mean(), disagreement / len(teachers)
 
-    images = optimise_images(batch_loss, lambda count: initial_pixels("normal", count, shape, device), config.images,
+    images = optimise_images(batch_loss, lambda count: initial_pixels("normal", count, spec, device), spec, config.images,
                              config.batch_size, config.steps, config.lr, "conflict images", on_step, resume)
     return FixedImages(images)
 
@@ -190,12 +190,19 @@ class StudentConfig(BaseModel):
         ]
 
 
-def copy_teacher_weights(student: TargetNet, teachers: list[LeNet5]) -> None:
-    """The trunk from the first teacher's conv layers, head i from teacher i's fully connected ones."""
-    convs = [layer for layer in teachers[0].features if isinstance(layer, nn.Conv2d)]
+def copy_teacher_weights(student: TargetNet, teachers: list[Teacher]) -> None:
+    """The trunk from the first teacher's conv layers, head i from teacher i's fully connected ones
+    (LeNet-5 teachers: the TargetNet is a LeNet-5 trunk with LeNet-5 heads)."""
+    convs = [layer for layer in teachers[0].model.modules() if isinstance(layer, nn.Conv2d)]
+    linears = [[layer for layer in teacher.model.modules() if isinstance(layer, nn.Linear)] for teacher in teachers]
+    if len(convs) != len(student.blocks) or any(len(layers) != 2 for layers in linears):
+        raise AmalgamationError(
+            "cannot start the student from the teachers: that needs LeNet-5 teachers (3 conv and 2 linear layers); "
+            "turn start_from_teachers off"
+        )
     pairs = [(block[0], conv) for block, conv in zip(student.blocks, convs)]
-    for head, teacher in zip(student.heads, teachers):
-        pairs += [(head[0], teacher.hidden[0]), (head[2], teacher.classifier)]
+    for head, (hidden, classifier) in zip(student.heads, linears):
+        pairs += [(head[0], hidden), (head[2], classifier)]
     for mine, theirs in pairs:
         if mine.weight.shape != theirs.weight.shape:
             raise AmalgamationError(
@@ -205,14 +212,14 @@ def copy_teacher_weights(student: TargetNet, teachers: list[LeNet5]) -> None:
         mine.load_state_dict(theirs.state_dict())
 
 
-def feature_adapters(student: TargetNet, teachers: list[LeNet5]) -> nn.ModuleList:
+def feature_adapters(student: TargetNet, teachers: list[Teacher]) -> nn.ModuleList:
     """adapters[b][t] maps the student's block b output to teacher t's at the same depth: a 1x1
     convolution for conv maps, a linear layer for flat features. Training scaffolding, not kept."""
     config = student.config
     probe = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
     with torch.no_grad():
         student_blocks = student.cpu().forward_all(probe)[0]
-        teacher_blocks = [teacher.cpu().forward_blocks(probe)[1] for teacher in teachers]
+        teacher_blocks = [teacher.to(torch.device("cpu")).forward_blocks(probe, GROUP_STACK)[1] for teacher in teachers]
     adapters = nn.ModuleList()
     for b, mine in enumerate(student_blocks):
         layer = nn.Conv2d if mine.ndim == 4 else nn.Linear
@@ -262,7 +269,7 @@ def output_loss(
 
 def amalgamate(
     student: TargetNet,
-    teachers: list[LeNet5],
+    teachers: list[Teacher],
     transfer_set: TransferSet,
     offsets: list[float],
     config: StudentConfig,
@@ -278,10 +285,10 @@ def amalgamate(
     """
     if len(offsets) != len(teachers):
         raise AmalgamationError(f"{len(offsets)} logit offsets for {len(teachers)} teachers: one per teacher")
-    teachers = [teacher.to(device).eval() for teacher in teachers]
     if config.start_from_teachers:
         copy_teacher_weights(student, teachers)
     adapters = feature_adapters(student, teachers).to(device)
+    teachers = [teacher.to(device) for teacher in teachers]
     student = student.to(device)
     union = student.union
     if config.pool_size:
@@ -316,14 +323,14 @@ def amalgamate(
             with torch.no_grad():
                 images = random_affine(transfer_set.sample(ADAPTER_FIT_IMAGES).to(device), config.augment_shift)
                 student_block = student.forward_all(images)[0][depth]
-                teacher_blocks = [teacher.forward_blocks(images)[1][depth] for teacher in teachers]
+                teacher_blocks = [teacher.forward_blocks(images, GROUP_STACK)[1][depth] for teacher in teachers]
             fit_adapters(adapters[depth], student_block, teacher_blocks)
 
         student.train()
         for step in range(max(saved["step"], phase_start) + 1, phase_end + 1):
             images = random_affine(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
             with torch.no_grad():
-                teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images) for teacher in teachers))
+                teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images, GROUP_STACK) for teacher in teachers))
                 teacher_union_logits = union(offset_logits(list(teacher_logits), offsets))
             student_blocks, head_logits, union_logits = student.forward_all(images)
             if phase.startswith("block"):

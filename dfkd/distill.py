@@ -5,14 +5,15 @@ noise or real images) and the teacher's outputs on it: no labels.
 """
 
 from collections.abc import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import kd_loss
-from dfkd.models import LeNet5
 from dfkd.synthesis import FixedImages, TransferSet
 
 
@@ -55,14 +56,14 @@ def draw_pool(transfer_set: TransferSet, size: int, batch_size: int) -> FixedIma
 
 
 def distill(
-    student: LeNet5,
-    teacher: LeNet5,
+    student: nn.Module,
+    teacher: nn.Module,
     transfer_set: TransferSet,
     config: DistillConfig,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
-) -> LeNet5:
+) -> nn.Module:
     """Train `student` to match `teacher`'s softened outputs on transfer-set samples; return it.
 
     The student of the last step is the result: picking a checkpoint would need held-out real data,

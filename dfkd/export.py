@@ -1,6 +1,5 @@
 """ONNX export of a classifier and the parity check against PyTorch."""
 
-import json
 import logging
 import os
 import warnings
@@ -11,9 +10,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from torch import nn
+
 from dfkd.checkpoint import CheckpointError, atomic_path
-from dfkd.data import IMAGE_SIZES, PIXEL_MEAN, PIXEL_STD
-from dfkd.models import LeNet5
+from dfkd.inputs import ONNX_METADATA_KEY, InputSpec
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -25,12 +25,13 @@ class ParityError(RuntimeError):
     """The ONNX file does not compute what the PyTorch model computes."""
 
 
-def export_onnx(model: LeNet5, path: str | os.PathLike, opset: int, metadata: dict[str, str] | None = None) -> None:
+def export_onnx(
+    model: nn.Module, spec: InputSpec, path: str | os.PathLike, opset: int, metadata: dict[str, str] | None = None
+) -> None:
     """Write `model` as ONNX with a dynamic batch axis, check it with `onnx.checker`, then move it
-    into place. The preprocessing constants travel in the file's metadata, for whoever serves it."""
+    into place. The input description travels in the file's metadata, for whoever serves it."""
     model = model.cpu().eval()
-    config = model.config
-    example = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
+    example = torch.zeros(2, *spec.shape)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's chatter about its own internals
@@ -39,20 +40,13 @@ def export_onnx(model: LeNet5, path: str | os.PathLike, opset: int, metadata: di
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes=({0: batch},),
             opset_version=opset,
             dynamo=True,
             verbose=False,
         )
     proto = program.model_proto
-    properties = {
-        "pixel_mean": str(PIXEL_MEAN),
-        "pixel_std": str(PIXEL_STD),
-        "input_size": str(config.image_size),
-        "image_sizes": json.dumps(IMAGE_SIZES),
-        "num_classes": str(config.num_classes),
-        **(metadata or {}),
-    }
+    properties = {ONNX_METADATA_KEY: spec.model_dump_json(), **(metadata or {})}
     for key, value in properties.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -78,7 +72,7 @@ def onnx_logits(session: ort.InferenceSession, images: torch.Tensor, batch_size:
     return np.concatenate(chunks)
 
 
-def check_parity(model: LeNet5, onnx_path: str | os.PathLike, inputs: torch.Tensor, max_abs_diff: float) -> dict:
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, inputs: torch.Tensor, max_abs_diff: float) -> dict:
     """Compare PyTorch and onnxruntime logits on `inputs`; raise ParityError past the tolerance or on
     any differing argmax, else return the figures."""
     with torch.no_grad():

@@ -1,7 +1,7 @@
-"""The networks of the MNIST recipe: LeNet-5 (teacher), LeNet-5-half (student), DAFL's generator, and
-the multi-branch TargetNet of data-free amalgamation (DFKA).
+"""The networks of the methods (the classifiers are in dfkd/zoo/): DAFL's generator, and the
+multi-branch TargetNet of data-free amalgamation (DFKA) with its label union.
 
-A classifier is rebuilt from a plain `ArchitectureConfig` dict stored next to its weights, so a
+A TargetNet is rebuilt from a plain `TargetNetConfig` dict stored next to its weights, so a
 checkpoint loads with `torch.load(..., weights_only=True)` and no pickled classes.
 """
 
@@ -10,62 +10,6 @@ from itertools import chain
 
 import torch
 from torch import nn
-
-
-@dataclass(frozen=True)
-class ArchitectureConfig:
-    """Everything needed to rebuild a LeNet-5 of any width."""
-
-    in_channels: int = 1
-    num_classes: int = 10
-    image_size: int = 32  # LeNet-5's conv stack needs 32x32 to reach a 1x1 map before the classifier
-    width: float = 1.0  # 1.0 is LeNet-5 (6, 16, 120, 84); 0.5 is LeNet-5-half (3, 8, 60, 42)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class LeNet5(nn.Module):
-    """LeNet-5 as in DAFL: conv5-pool-conv5-pool-conv5, then fc-fc. No batch norm."""
-
-    def __init__(self, config: ArchitectureConfig):
-        super().__init__()
-        if config.image_size != 32:
-            raise ValueError(f"LeNet-5 takes 32x32 inputs, got image_size={config.image_size}")
-        self.config = config
-        c1, c2, c3, f1 = (max(1, round(n * config.width)) for n in (6, 16, 120, 84))
-        self.features = nn.Sequential(
-            nn.Conv2d(config.in_channels, c1, kernel_size=5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, kernel_size=5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, kernel_size=5),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
-        self.hidden = nn.Sequential(nn.Linear(c3, f1), nn.ReLU())
-        # The final linear layer is a named attribute: ZSKD reads its class weight vectors.
-        self.classifier = nn.Linear(f1, config.num_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.hidden(self.features(images)))
-
-    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the conv features that feed the fully connected layers (DAFL's f_T)."""
-        features = self.features(images)
-        return self.classifier(self.hidden(features)), features
-
-    def forward_blocks(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and the output of each conv block (after its pooling; the last one flattened):
-        the intermediate features a TargetNet learns to reproduce, block by block."""
-        blocks, x = [], images
-        for layer in self.features:
-            x = layer(x)
-            if isinstance(layer, (nn.MaxPool2d, nn.Flatten)):
-                blocks.append(x)
-        return self.classifier(self.hidden(x)), blocks
 
 
 class Generator(nn.Module):

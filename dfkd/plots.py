@@ -19,6 +19,15 @@ def _save(figure: plt.Figure, path: str | os.PathLike) -> None:
     plt.close(figure)
 
 
+def displayable(image: torch.Tensor) -> tuple:
+    """imshow's arguments for one (C, H, W) image in a model's normalised input space: grayscale with
+    its own contrast, or RGB stretched to [0, 1] (imshow clips colour images, it does not scale them)."""
+    if image.shape[0] == 1:
+        return image[0].cpu().numpy(), "gray"
+    low, high = image.min(), image.max()
+    return ((image - low) / (high - low).clamp_min(1e-12)).permute(1, 2, 0).cpu().numpy(), None
+
+
 def save_class_grid(
     images: torch.Tensor,
     predicted: torch.Tensor,
@@ -36,7 +45,7 @@ def save_class_grid(
             axis.set_xticks([])
             axis.set_yticks([])
             if column < len(members):
-                axis.imshow(members[column, 0].cpu().numpy(), cmap="gray")
+                axis.imshow(*displayable(members[column]))
             if column == 0:
                 axis.set_ylabel(f"{label} ({int((predicted == label).sum())})", rotation=0, ha="right", va="center")
     figure.suptitle(title)

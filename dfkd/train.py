@@ -6,11 +6,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
-from dfkd.models import LeNet5
 
 
 class TeacherTrainConfig(BaseModel):
@@ -24,7 +24,7 @@ class TeacherTrainConfig(BaseModel):
 
 
 @torch.no_grad()
-def predict(model: LeNet5, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
     """Logits for `images`, in batches, on `device`; returned on the CPU."""
     model = model.to(device).eval()
     return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
@@ -35,7 +35,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def train_classifier(
-    model: LeNet5,
+    model: nn.Module,
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     val_images: torch.Tensor,
@@ -44,7 +44,7 @@ def train_classifier(
     device: torch.device,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
-) -> tuple[LeNet5, dict[str, float]]:
+) -> tuple[nn.Module, dict[str, float]]:
     """Train with cross-entropy; return the weights of the epoch with the best validation accuracy
     and that epoch's metrics."""
     model = model.to(device)

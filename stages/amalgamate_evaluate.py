@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dfkd.amalgamation import naive_combination, offset_logits
-from dfkd.checkpoint import load_classifier
+from dfkd.classifier import load_classifier
 from dfkd.evaluation import confusion_matrix, file_size, flops_per_image, onnx_latency_ms, parameter_count
 from dfkd.export import onnx_logits, onnx_session
 from dfkd.models import LabelUnion
@@ -23,7 +23,7 @@ from stages.amalgamate_conflicts import load_conflicts
 from stages.amalgamate_export import ONNX_PATH
 from stages.amalgamate_student import TRAININGS
 from stages.amalgamate_teachers import TEACHERS, load_teachers
-from stages.common import MODELS, REPORTS, load_model_input, run, setup
+from stages.common import MODELS, REPORTS, data_spec, load_model_input, run, setup
 from stages.evaluate import write_confusion_reports, write_json
 from stages.params import ROOT, load_params
 from stages.tracking import stage_run
@@ -41,23 +41,23 @@ def main() -> None:
     params = load_params()
     device = setup(params)
     teachers = load_teachers(params)
-    students = {training: load_classifier(path) for training, (_, path) in TRAININGS.items()}
-    reference = load_classifier(REFERENCE)
+    students = {training: load_classifier(path).model for training, (_, path) in TRAININGS.items()}
+    reference = load_classifier(REFERENCE).model
     session = onnx_session(ONNX_PATH)
-    images, labels = load_model_input("test")
+    images, labels = load_model_input("test", data_spec(params.teacher.image_size))
     input_shape = tuple(images.shape[1:])
     groups = students["group_stack"].config.groups
 
     with stage_run("amalgamate_evaluate", {"seed": params.seed}, params.mlflow.experiment):
         accuracy = lambda predicted: float((predicted == labels).float().mean())  # noqa: E731
-        teacher_logits = [predict(teacher, images, device) for teacher in teachers.values()]
+        teacher_logits = [predict(teacher.model, images, device) for teacher in teachers.values()]
         metrics: dict = {"seed": params.seed, "test_size": len(labels), "teachers": {}}
         for (name, teacher), group, logits in zip(teachers.items(), groups, teacher_logits):
             metrics["teachers"][name] = {
                 "classes": list(group),
                 "own_class_accuracy": accuracy_on_own(logits, group, labels),
                 "own_class_images": int(torch.isin(labels, torch.tensor(group)).sum()),
-                **size(teacher, input_shape),
+                **size(teacher.model, input_shape),
                 "checkpoint_bytes": file_size(TEACHERS / f"{name}.pt"),
             }
         naive = naive_combination(teacher_logits, groups)

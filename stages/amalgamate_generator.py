@@ -40,7 +40,7 @@ def main() -> None:
         resume.attach(curve=curve)
         transfer_set = synthesize(list(teachers.values()), groups, settings.generator, device, curve, resume)
         # The generator is DAFL's, so the transfer set loads like any DAFL one.
-        save_transfer_set(TRANSFER_SET, "dafl", transfer_set, metadata={"seed": params.seed, "teachers": list(teachers)})
+        save_transfer_set(TRANSFER_SET, "dafl", transfer_set, next(iter(teachers.values())).spec, metadata={"seed": params.seed, "teachers": list(teachers)})
 
         # What the teachers, combined, see in the images: an uncovered class shows as an empty row.
         samples = transfer_set.sample(PREVIEW_SAMPLES)

@@ -15,15 +15,14 @@ import argparse
 import mlflow
 
 from dfkd.amalgamation import StudentConfig, amalgamate
-from dfkd.checkpoint import save_classifier
-from dfkd.models import TargetNet, TargetNetConfig
+from dfkd.classifier import TARGETNET, build_classifier, save_classifier
 from dfkd.plots import save_curves
 from dfkd.synthesis import Mixture
 from dfkd.synthesis.methods import load_transfer_set
 from stages.amalgamate_conflicts import load_conflicts
 from stages.amalgamate_generator import TRANSFER_SET
 from stages.amalgamate_teachers import load_teachers
-from stages.common import MODELS, REPORTS, run, setup, stage_resume
+from stages.common import MODELS, REPORTS, data_spec, run, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
 
@@ -47,16 +46,11 @@ def main() -> None:
     teachers = load_teachers(params)
     conflicts, offsets = load_conflicts(list(teachers))
     share = settings.conflict_share
-    transfer_set = Mixture([load_transfer_set(TRANSFER_SET, device), conflicts], [1 - share, share])
-    first = next(iter(teachers.values())).config
-    student = TargetNet(
-        TargetNetConfig(
-            groups=tuple(tuple(spec.classes) for spec in params.amalgamate.teachers.values()),
-            in_channels=first.in_channels,
-            image_size=first.image_size,
-            width=settings.width,
-        )
-    )
+    spec = data_spec(params.teacher.image_size)  # the union of the teachers' classes: the data's
+    transfer_set = Mixture([load_transfer_set(TRANSFER_SET, device, next(iter(teachers.values())).spec), conflicts],
+                           [1 - share, share])
+    groups = [list(declared.classes) for declared in params.amalgamate.teachers.values()]
+    student = build_classifier(TARGETNET, {"groups": groups, "width": settings.width}, spec)
 
     logged = {"seed": params.seed, "device": str(device), "training": training, **settings.model_dump()}
     resume = stage_resume(stage, every=200)
@@ -64,9 +58,10 @@ def main() -> None:
         curve = CurveLogger(out / "curve.csv", every=5)
         resume.attach(curve=curve)
         config = StudentConfig(**settings.model_dump(exclude={"width", "conflict_share"}))
-        student = amalgamate(student, list(teachers.values()), transfer_set, offsets, config, device,
-                             group_stack=training == "group_stack", on_step=curve, resume=resume)
-        save_classifier(student_path, student.cpu(), metadata={"training": training, "teachers": list(teachers),
+        amalgamate(student.model, list(teachers.values()), transfer_set, offsets, config, device,
+                   group_stack=training == "group_stack", on_step=curve, resume=resume)
+        student.model.cpu()
+        save_classifier(student_path, student, metadata={"training": training, "teachers": list(teachers),
                                                                "seed": params.seed})
         curve.write()
         save_curves(curve.rows, out / "curve.png", f"Amalgamation, {training.replace('_', ' ')}")
@@ -74,7 +69,7 @@ def main() -> None:
         mlflow.log_artifact(str(student_path), "checkpoint")
         mlflow.log_artifacts(str(out), "reports")
         resume.clear()
-        steps = sum(steps for _, steps in config.phases(training == "group_stack", len(student.blocks)))
+        steps = sum(steps for _, steps in config.phases(training == "group_stack", len(student.model.blocks)))
         print(f"{stage}: TargetNet trained for {steps} steps on synthetic images ({share:.0%} conflict images)")
 
 

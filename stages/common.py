@@ -16,8 +16,10 @@ from dfkd.amalgamation import AmalgamationError
 from dfkd.checkpoint import CheckpointError, OutputError, ResumeState
 from dfkd.data import DataError, load_split, to_model_input
 from dfkd.export import ParityError
-from dfkd.synthesis import SynthesisError
+from dfkd.inputs import InputSpec
 from dfkd.runtime import resolve_device, seed_everything
+from dfkd.teacher import TeacherError
+from dfkd.zoo import ZooError
 from stages.params import ROOT, Params, ParamsError
 
 PREPARED = ROOT / "data" / "prepared"
@@ -33,10 +35,41 @@ def setup(params: Params) -> torch.device:
     return resolve_device(params.device)
 
 
-def load_model_input(split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prepared split as (normalised images, labels) tensors."""
-    split = load_split(PREPARED / f"{split_name}.npz")
-    return to_model_input(split.images), torch.as_tensor(split.labels)
+def dataset_description() -> dict:
+    """What prepare wrote of the data: class names, channels, side and pixel statistics."""
+    path = PREPARED / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{path}: does not exist (run the prepare stage first)")
+    return json.loads(path.read_text())
+
+
+def data_spec(size: int) -> InputSpec:
+    """The input of a classifier trained here on the prepared data, at side `size`."""
+    data = dataset_description()
+    return InputSpec(
+        channels=data["channels"], size=size, mean=data["mean"], std=data["std"], class_names=data["class_names"],
+        resize="pad" if data["side"] < size else "bilinear",
+    )
+
+
+def class_index(data_classes: list[str], spec: InputSpec, source: str) -> torch.Tensor:
+    """For each class of the data, the index of the teacher's output of that name."""
+    unknown = [name for name in data_classes if name not in spec.class_names]
+    if unknown:
+        raise DataError(
+            f"{source}: classes in the data that the teacher does not have: {unknown} "
+            f"(the teacher's: {list(spec.class_names)})"
+        )
+    return torch.tensor([spec.class_names.index(name) for name in data_classes])
+
+
+def load_model_input(split_name: str, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared split as images preprocessed for a model of input `spec`, and labels as that
+    model's class indices (matched by class name)."""
+    path = PREPARED / f"{split_name}.npz"
+    split = load_split(path)
+    labels = class_index(dataset_description()["class_names"], spec, str(path))[torch.as_tensor(split.labels)]
+    return to_model_input(split.images, spec), labels
 
 
 def content_digest(path: Path) -> str:
@@ -87,6 +120,6 @@ def run(main: Callable[[], None]) -> None:
     instead of a traceback."""
     try:
         main()
-    except (ParamsError, DataError, CheckpointError, OutputError, SynthesisError, AmalgamationError, ParityError) as error:
+    except (ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, ZooError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

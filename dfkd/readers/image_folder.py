@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dfkd.data import DataError, Split
-from dfkd.readers import Dataset
+from dfkd.data import DataError, Dataset, Split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _GRAY_MODES = ("1", "L", "LA")

@@ -10,10 +10,6 @@ from typing import Protocol
 import torch
 
 
-class SynthesisError(ValueError):
-    """A teacher that a synthesis method cannot work from; the message says why."""
-
-
 class TransferSet(Protocol):
     def sample(self, batch_size: int) -> torch.Tensor: ...
 

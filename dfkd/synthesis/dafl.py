@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
-from dfkd.models import Generator, LeNet5
+from dfkd.models import Generator
 from dfkd.plots import save_class_grid
+from dfkd.teacher import Teacher
 
 
 class DAFLConfig(BaseModel):
@@ -80,7 +81,7 @@ def save_figures(transfer_set: GeneratorTransferSet, directory: Path, rows: int 
     )
 
 
-def dafl_losses(teacher: LeNet5, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dafl_losses(teacher: Teacher, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The teacher's logits on `images` and DAFL's three loss terms (unweighted)."""
     logits, features = teacher.forward_with_features(images)
     return logits, {
@@ -131,18 +132,17 @@ def train_generator(
 
 
 def synthesize(
-    teacher: LeNet5,
+    teacher: Teacher,
     config: DAFLConfig,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
 ) -> GeneratorTransferSet:
     """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
-    teacher = teacher.to(device).eval()
+    teacher = teacher.to(device)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _, losses = dafl_losses(teacher, images)
         return weighted_total(losses, config), losses
 
-    image_shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
-    return train_generator(generator_loss, image_shape, config, device, on_step, resume)
+    return train_generator(generator_loss, teacher.spec.shape, config, device, on_step, resume)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dfkd.inputs import InputSpec
 from dfkd.synthesis import TransferSet, dafl, zskd
 
 
@@ -23,14 +24,19 @@ METHODS = {
 }
 
 
-def save_transfer_set(path: str | os.PathLike, method: str, transfer_set, metadata: dict | None = None) -> None:
-    save_checkpoint(
-        path, {"kind": "transfer_set", "method": method, **transfer_set.to_checkpoint(), "metadata": metadata or {}}
-    )
+def save_transfer_set(
+    path: str | os.PathLike, method: str, transfer_set, spec: InputSpec, metadata: dict | None = None
+) -> None:
+    """Save with the teacher's input description: the images are in its normalised input space."""
+    payload = {"kind": "transfer_set", "method": method, "input": spec.model_dump(), **transfer_set.to_checkpoint()}
+    save_checkpoint(path, {**payload, "metadata": metadata or {}})
 
 
-def load_transfer_set(path: str | os.PathLike, device: torch.device) -> TransferSet:
+def load_transfer_set(path: str | os.PathLike, device: torch.device, spec: InputSpec) -> TransferSet:
+    """The transfer set at `path`, which must have been made for a teacher of input `spec`."""
     payload = load_checkpoint(path, "transfer_set")
+    if InputSpec(**payload.get("input", {})) != spec:
+        raise CheckpointError(f"{path}: made for a teacher of another input ({payload.get('input')}); rerun synthesize")
     method = payload.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{path}: transfer set of unknown method '{method}' (known: {', '.join(METHODS)})")

@@ -16,7 +16,6 @@ over the pixel noise that satisfies the teacher just as well, and a student dist
 impressions generalises better to real images.
 """
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -24,14 +23,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
-from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
-from dfkd.data import PIXEL_MEAN, PIXEL_STD
-from dfkd.models import LeNet5
+from dfkd.inputs import InputSpec
 from dfkd.plots import save_class_grid, save_matrix
-from dfkd.synthesis import FixedImages, SynthesisError
+from dfkd.synthesis import FixedImages
+from dfkd.teacher import Teacher
 
 # A Dirichlet concentration must be positive; each row's least similar class would get exactly 0.
 MIN_CONCENTRATION = 1e-3
@@ -50,17 +48,11 @@ class ZSKDConfig(BaseModel):
     total_variation_weight: float = Field(0.5, ge=0)  # the smoothness prior; 0 is the paper's method
 
 
-def class_similarity(teacher: nn.Module) -> torch.Tensor:
+def class_similarity(teacher: Teacher) -> torch.Tensor:
     """(classes x classes) cosine similarity of the final layer's class weight vectors, each row
     min-max normalised: 1 on the diagonal (a class is most like itself), 0 for its least similar class."""
-    classifier = getattr(teacher, "classifier", None)
-    if not isinstance(classifier, nn.Linear):
-        raise SynthesisError(
-            f"ZSKD needs the teacher's final layer as an nn.Linear attribute named 'classifier' "
-            f"(found {type(classifier).__name__}): its rows, one weight vector per class, are where ZSKD "
-            "reads which classes the teacher finds alike, to sample the soft targets of the impressions"
-        )
-    weights = F.normalize(classifier.weight.detach().float(), dim=1)
+    # Its rows, one weight vector per class, are where ZSKD reads which classes the teacher finds alike.
+    weights = F.normalize(teacher.class_weights("ZSKD (class similarity)").float(), dim=1)
     cosine = weights @ weights.T
     low, high = cosine.amin(dim=1, keepdim=True), cosine.amax(dim=1, keepdim=True)
     return (cosine - low) / (high - low).clamp_min(1e-12)
@@ -80,17 +72,13 @@ def sample_targets(similarity: torch.Tensor, count: int, scales: tuple[float, ..
     return torch.distributions.Dirichlet(concentration).sample(), classes, beta
 
 
-def to_teacher_input(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels - PIXEL_MEAN) / PIXEL_STD
-
-
-def initial_pixels(noise: str, count: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def initial_pixels(noise: str, count: int, spec: InputSpec, device: torch.device) -> torch.Tensor:
     """Starting images: `uniform` pixels in [0, 1] (the reference code), or `normal`: standard normal
     noise in the teacher's normalised input space (the pixel statistics it was trained on), clipped
     to valid pixels."""
     if noise == "uniform":
-        return torch.rand(count, *shape, device=device)
-    return (PIXEL_MEAN + PIXEL_STD * torch.randn(count, *shape, device=device)).clamp(0, 1)
+        return torch.rand(count, *spec.shape, device=device)
+    return spec.pixels(torch.randn(count, *spec.shape, device=device)).clamp(0, 1)
 
 
 def impression_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,6 +132,7 @@ class ImpressionTransferSet(FixedImages):
 def optimise_images(
     batch_loss: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
     start_pixels: Callable[[int], torch.Tensor],
+    spec: InputSpec,
     count: int,
     batch_size: int,
     steps: int,
@@ -177,7 +166,7 @@ def optimise_images(
             progress.update()
             if on_step:
                 on_step(step, {"loss": logged.item()})
-        batch = to_teacher_input(pixels.detach()).cpu()
+        batch = spec.normalise(pixels.detach()).cpu()
         images = batch if images is None else torch.cat([images, batch])
         if resume:
             resume.save(step, extra={"done": rows.stop, "images": images})
@@ -186,7 +175,7 @@ def optimise_images(
 
 
 def synthesize(
-    teacher: LeNet5,
+    teacher: Teacher,
     config: ZSKDConfig,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -196,21 +185,21 @@ def synthesize(
     of `config.batch_size` at a time; a killed run resumes after its last finished batch."""
     similarity = class_similarity(teacher).cpu()
     # Channels-last convolutions take about half the time on a CPU for these small single-channel images.
-    teacher = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last).eval()
+    teacher = teacher.to(device, memory_format=torch.channels_last)
+    spec = teacher.spec
     # Drawn before any resume: the same seed gives the same targets, so a resumed run keeps them.
     targets, classes, scales = sample_targets(similarity, config.impressions, config.scales)
-    shape = (teacher.config.in_channels, teacher.config.image_size, teacher.config.image_size)
     device_targets = targets.to(device)
 
     def start_pixels(count: int) -> torch.Tensor:
-        return initial_pixels(config.noise, count, shape, device).contiguous(memory_format=torch.channels_last)
+        return initial_pixels(config.noise, count, spec, device).contiguous(memory_format=torch.channels_last)
 
     def batch_loss(pixels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = impression_loss(teacher(to_teacher_input(pixels)), device_targets[rows], config.temperature)
+        losses = impression_loss(teacher(spec.normalise(pixels)), device_targets[rows], config.temperature)
         prior = config.total_variation_weight * total_variation(pixels)
         return (losses + prior).mean(), losses.mean()
 
-    images = optimise_images(batch_loss, start_pixels, config.impressions, config.batch_size, config.steps,
+    images = optimise_images(batch_loss, start_pixels, spec, config.impressions, config.batch_size, config.steps,
                              config.lr, "ZSKD impressions", on_step, resume)
     return ImpressionTransferSet(images, targets, classes, scales, similarity)
 
