@@ -3,11 +3,13 @@
 Every bad request is answered with a 4xx JSON body `{"errors": [{"field": ..., "problem": ...}]}`
 naming the request field and what is wrong with it; nothing a client sends can stop the server.
 What a bad body costs in time and memory is bounded by what the largest valid batch costs (see
-`json_images`); a body must arrive within `body_timeout` seconds; a client that disconnects mid-body
-is counted in /metrics under the status label "client_disconnected".
+`json_images`; the uploads' sizes are read from their headers and checked before any is decoded); a body
+must arrive within `body_timeout` seconds; a client that disconnects mid-body is counted in /metrics
+under the status label "client_disconnected".
 Checks and inference run inline on the event loop: a batch-1 forward pass takes tens of
 microseconds, less than handing it to a thread would cost, and the largest body blocks the loop for
-tens of milliseconds (benchmarks/serving_abuse.py), mostly parsing it, which holds the GIL anyway.
+tens of milliseconds (benchmarks/serving_abuse.py), mostly parsing it, which holds the GIL anyway;
+uploads of `max_upload_pixels` in all take about 0.1 s to decode and resize.
 """
 
 import asyncio
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 from contextlib import asynccontextmanager
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from serving.model import Classifier, ModelSource, default_threads
+from serving.model import Classifier, InputSpec, ModelSource, default_threads
 
 PIXEL_SCALES = {"0-255": 255.0, "0-1": 1.0}
-PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}  # 8-bit modes; Pillow's convert("L") makes them grayscale
+UPLOAD_FORMATS = ["PNG", "JPEG"]
+UPLOAD_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "CMYK"}  # 8-bit modes; Pillow converts each to L and to RGB
 MAX_REPORTED_PROBLEMS = 20
 PIXEL_TYPES = {int, float}  # what a parsed JSON number is (bool is a type of its own)
 JSON_TYPE_NAMES = {list: "an array", dict: "an object", str: "a string", int: "a number", float: "a number"}
@@ -66,6 +70,10 @@ class ServeSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per worker (default: cores // workers)")
     max_batch: int = Field(256, ge=1, description="most images in one /predict request")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="largest /predict request body, bytes")
+    max_upload_pixels: int = Field(
+        2048 * 2048, ge=1, description="most pixels (width x height, summed) of the images uploaded in one /predict "
+        "request, read from their headers before any is decoded"
+    )
     body_timeout: float = Field(
         30.0, gt=0, description="seconds a /predict request body may take to arrive in full; "
         "a slower one is answered 408 and its connection closed"
@@ -101,12 +109,16 @@ class Metadata(BaseModel):
     sha256: str = Field(description="of the ONNX file")
     input_name: str
     input_shape: list[int | str]
-    image_sizes: list[int] = Field(description="accepted square image sides; smaller ones are zero-padded")
-    pixel_mean: float
-    pixel_std: float
+    channels: int = Field(description="1: grayscale, 3: RGB")
+    size: int = Field(description="the side of the square images the model takes")
+    mean: list[float] = Field(description="per channel, of pixel values in [0, 1]; the model takes (x - mean) / std")
+    std: list[float]
     class_names: list[str]
+    resize: str = Field(description="how an upload of another side is brought to size: 'pad' (a smaller square "
+                        "is zero-padded, centred; any other is resized bilinearly) or 'bilinear'")
     max_batch: int
     max_body_bytes: int
+    max_upload_pixels: int
     onnxruntime_threads: int
 
 
@@ -134,36 +146,61 @@ def describe(value) -> str:
     return JSON_TYPE_NAMES[type(value)]
 
 
-def square_images_schema(sizes: tuple[int, ...], max_batch: int, max_value: float) -> dict:
-    def square(side: int) -> dict:
-        row = {"type": "array", "minItems": side, "maxItems": side, "items": {"type": "number", "minimum": 0, "maximum": max_value}}
-        return {"type": "array", "minItems": side, "maxItems": side, "items": row}
+def array_shapes(spec: InputSpec) -> str:
+    """The arrays a JSON image may be, in words, for error messages and the OpenAPI description."""
+    side = "S" if len(spec.sides) > 1 else str(spec.size)
+    shapes = [f"({side}, {side})", f"({side}, {side}, 1)"] if spec.channels == 1 else [f"({side}, {side}, 3)"]
+    sides = f" with S from {spec.sides[0]} to {spec.size}" if len(spec.sides) > 1 else ""
+    return " or ".join(shapes) + sides
 
-    return {"type": "array", "minItems": 1, "maxItems": max_batch, "items": {"anyOf": [square(side) for side in sizes]}}
+
+def json_images_schema(spec: InputSpec, max_batch: int, max_value: float) -> dict:
+    number = {"type": "number", "minimum": 0, "maximum": max_value}
+    channel_values = {"type": "array", "minItems": spec.channels, "maxItems": spec.channels, "items": number}
+    pixel_forms = [number, channel_values] if spec.channels == 1 else [channel_values]
+    # The model's own side first, as most images are: a validator tries the alternatives in order.
+    squares = [{"minItems": side, "maxItems": side, "items": {"minItems": side, "maxItems": side}}
+               for side in reversed(spec.sides)]
+    image = {
+        "type": "array",
+        "items": {"type": "array"},
+        # A square of an accepted side whose pixels are all of one form: two conditions, so that a validator
+        # checks each pixel once per form, not once per side and form.
+        "allOf": [{"anyOf": squares}, {"anyOf": [{"items": {"items": pixel}} for pixel in pixel_forms]}],
+    }
+    return {"type": "array", "minItems": 1, "maxItems": max_batch, "items": image}
 
 
-def request_body_openapi(sizes: tuple[int, ...], max_batch: int) -> dict:
-    """The /predict request body exactly as `json_images` and `png_images` accept it."""
-    accepted = " or ".join(f"{side}x{side}" for side in sizes)
+def request_body_openapi(spec: InputSpec, max_batch: int, max_upload_pixels: int) -> dict:
+    """The /predict request body exactly as `json_images` and `uploaded_images` accept it."""
+    colour = "grayscale" if spec.channels == 1 else "RGB"
+    pixel = "pixels" if spec.channels == 1 else "[R, G, B] pixels"
+    square = f"{spec.size}x{spec.size}"
+    resized = f"resized to {square} with Pillow's bilinear filter"
+    if spec.resize == "pad":
+        padded = f"; a square smaller than {square} is zero-padded, centred"
+        fitted = f"zero-padded, centred, to {square} when square and no larger, else {resized}"
+    else:
+        padded, fitted = "", resized
     json_schema = {
         "type": "object",
         "properties": {
-            "images": square_images_schema(sizes, max_batch, 255) | {
-                "description": f"a batch of grayscale images, each {accepted} (rows of pixel values); "
-                "smaller ones are zero-padded to the model's input size"
+            "images": json_images_schema(spec, max_batch, 255) | {
+                "description": f"a batch of {colour} images, each an array {array_shapes(spec)} (rows of {pixel}) "
+                f"in the model's shape: arrays are never resized{padded}"
             },
             "pixel_scale": {
                 "enum": list(PIXEL_SCALES),
                 "default": "0-255",
-                "description": "0-255: raw 8-bit values (MNIST's IDX files); 0-1: already divided by 255",
+                "description": "0-255: raw 8-bit values (as an image decoder gives); 0-1: already divided by 255",
             },
         },
         "required": ["images"],
         "additionalProperties": False,
         "if": {"properties": {"pixel_scale": {"const": "0-1"}}, "required": ["pixel_scale"]},
-        "then": {"properties": {"images": square_images_schema(sizes, max_batch, 1)}},
+        "then": {"properties": {"images": json_images_schema(spec, max_batch, 1)}},
     }
-    png_schema = {
+    upload_schema = {
         "type": "object",
         "properties": {
             "image": {
@@ -171,14 +208,15 @@ def request_body_openapi(sizes: tuple[int, ...], max_batch: int) -> dict:
                 "minItems": 1,
                 "maxItems": max_batch,
                 "items": {"type": "string", "format": "binary"},
-                "description": f"one or more 8-bit PNG files, each {accepted}, converted to grayscale",
+                "description": f"one or more 8-bit PNG or JPEG files of any size and mode, at most {max_upload_pixels} "
+                f"pixels in all: each converted to {colour} and {fitted}",
             }
         },
         "required": ["image"],
     }
     return {
         "required": True,
-        "content": {"application/json": {"schema": json_schema}, "multipart/form-data": {"schema": png_schema}},
+        "content": {"application/json": {"schema": json_schema}, "multipart/form-data": {"schema": upload_schema}},
     }
 
 
@@ -203,20 +241,21 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def json_value_limit(sizes: tuple[int, ...], max_batch: int) -> int:
-    """More commas and opening brackets than the largest valid JSON body holds (each image of side S has
-    fewer than (S + 1)^2): an upper bound on the values a valid body can hold."""
-    return max_batch * (max(sizes) + 1) ** 2 + 8
+def json_value_limit(spec: InputSpec, max_batch: int) -> int:
+    """More commas and opening brackets than the largest valid JSON body holds: an image of side S sent
+    as (S, S, C), its largest form (a bracket and C - 1 commas per pixel), has fewer than (C + 1)(S + 1)^2.
+    An upper bound on the values a valid body can hold."""
+    return max_batch * (spec.channels + 1) * (spec.size + 1) ** 2 + 8
 
 
-def json_images(body: bytes, sizes: tuple[int, ...], max_batch: int) -> list[np.ndarray]:
-    """Parse and check a JSON /predict body; return each image as float32 (H, W) in 0..1.
+def json_images(body: bytes, spec: InputSpec, max_batch: int) -> list[np.ndarray]:
+    """Parse and check a JSON /predict body; return each image as float32 (S, S, C) in 0..1.
 
     What a bad body can cost is bounded by what the largest valid one costs: its values are counted
     before it is parsed, the batch size and each image's shape are checked before any pixel, and an
-    image reports only its first bad pixel (one problem per image at most).
+    image reports only its first bad value (one problem per image at most).
     """
-    limit = json_value_limit(sizes, max_batch)
+    limit = json_value_limit(spec, max_batch)
     if sum(body.count(mark) for mark in (b",", b"[", b"{")) > limit:
         raise RequestProblem(422, [("body", f"more JSON values than a batch of {max_batch} images can hold ({limit})")])
     try:
@@ -244,7 +283,7 @@ def json_images(body: bytes, sizes: tuple[int, ...], max_batch: int) -> list[np.
     checked = []
     for index, rows in enumerate(images):
         try:
-            checked.append(json_image_pixels(rows, f"images[{index}]", sizes, pixel_scale))
+            checked.append(json_image_pixels(rows, f"images[{index}]", spec, pixel_scale))
         except RequestProblem as error:
             problems.extend(error.problems)
     if problems:
@@ -252,88 +291,141 @@ def json_images(body: bytes, sizes: tuple[int, ...], max_batch: int) -> list[np.
     return checked
 
 
-def json_image_pixels(rows, field: str, sizes: tuple[int, ...], pixel_scale: str) -> np.ndarray:
-    """One parsed JSON image as float32 (H, W) in 0..1: its shape checked first, then its values' types,
-    then their range; a bad image raises RequestProblem naming its first bad pixel."""
-    side = len(rows) if type(rows) is list else None
-    if side not in sizes or any(type(row) is not list or len(row) != side for row in rows):
-        accepted = " or ".join(f"{side}x{side}" for side in sizes)
-        raise RequestProblem(422, [(field, f"expected a {accepted} array, got {shape_of(rows)}")])
-    types = set()
-    for row in rows:
-        types.update(map(type, row))  # C speed; the Python loop below runs only on a bad image
-    if not types <= PIXEL_TYPES:
-        y, x = first_pixel(rows, lambda value: type(value) not in PIXEL_TYPES)
-        raise RequestProblem(422, [(f"{field}[{y}][{x}]", f"expected a number, got {describe(rows[y][x])}")])
+def json_image_pixels(rows, field: str, spec: InputSpec, pixel_scale: str) -> np.ndarray:
+    """One parsed JSON image as float32 (S, S, C) in 0..1: its shape checked first, then its values' types,
+    then their range; a bad image raises RequestProblem naming its first bad value."""
+    values = accepted_array_values(rows, spec)
+    if values is None:
+        raise RequestProblem(422, [(field, f"expected an array {array_shapes(spec)}, got {shape_of(rows)}")])
+    if not set(map(type, values)) <= PIXEL_TYPES:
+        position, value = first_value(rows, lambda value: type(value) not in PIXEL_TYPES)
+        raise RequestProblem(422, [(field + position, f"expected a number, got {describe(value)}")])
     try:
-        pixels = np.asarray(rows, dtype=np.float64)
+        array = np.asarray(rows, dtype=np.float64)
     except OverflowError:  # an integer beyond float64's range
-        pixels = None
-    if pixels is None or not np.isfinite(pixels).all():
+        array = None
+    if array is None or not np.isfinite(array).all():
         # NaN, an infinity or an integer beyond float64: `not abs(value) <= max` holds for all three
-        y, x = first_pixel(rows, lambda value: not abs(value) <= sys.float_info.max)
-        raise RequestProblem(422, [(f"{field}[{y}][{x}]", f"expected a finite number, got {describe(rows[y][x])}")])
+        position, value = first_value(rows, lambda value: not abs(value) <= sys.float_info.max)
+        raise RequestProblem(422, [(field + position, f"expected a finite number, got {describe(value)}")])
     scale = PIXEL_SCALES[pixel_scale]
-    low, high = pixels.min(), pixels.max()
+    low, high = array.min(), array.max()
     if low < 0 or high > scale:
         raise RequestProblem(422, [(field, f"pixel values must lie in [0, {scale:g}] with pixel_scale "
                                            f"'{pixel_scale}', found {low:g} to {high:g}")])
-    pixels = pixels.astype(np.float32)  # divided in float32, as the pipeline's preprocessing does
-    return pixels / scale if scale != 1 else pixels
+    array = array.astype(np.float32).reshape(len(rows), len(rows), spec.channels)  # divided in float32, as the pipeline does
+    return array / scale if scale != 1 else array
 
 
-def first_pixel(rows: list[list], is_bad) -> tuple[int, int]:
-    """(row, column) of the first pixel for which is_bad(value) holds: a Python loop, run only on a bad image."""
-    return next((y, x) for y, row in enumerate(rows) for x, value in enumerate(row) if is_bad(value))
+def accepted_array_values(rows, spec: InputSpec) -> list | None:
+    """The pixel values, in order, of an image that is one of the accepted arrays (a side in `spec.sides`;
+    (S, S) or (S, S, C)); None for any other shape. Each check runs at C speed but the one over rows."""
+    side = len(rows) if type(rows) is list else None
+    if side not in spec.sides or not all(type(row) is list and len(row) == side for row in rows):
+        return None
+    pixels = list(chain.from_iterable(rows))
+    pixel_types = set(map(type, pixels))
+    if pixel_types == {list}:  # (S, S, C)
+        return list(chain.from_iterable(pixels)) if set(map(len, pixels)) == {spec.channels} else None
+    return pixels if spec.channels == 1 and list not in pixel_types else None  # (S, S)
+
+
+def first_value(rows: list[list], is_bad) -> tuple[str, object]:
+    """`[y][x]` or `[y][x][c]`, and the value, of an accepted array's first value for which is_bad(value)
+    holds: a Python loop, run only on a bad image."""
+    return next((position, value) for position, value in positioned_values(rows) if is_bad(value))
+
+
+def positioned_values(rows: list[list]):
+    """(position, value) of each pixel value of an accepted array, row by row."""
+    for y, row in enumerate(rows):
+        for x, pixel in enumerate(row):
+            if type(pixel) is list:
+                yield from ((f"[{y}][{x}][{c}]", value) for c, value in enumerate(pixel))
+            else:
+                yield f"[{y}][{x}]", pixel
 
 
 def shape_of(rows) -> str:
-    """What an image that is not a square array of rows is, for its error message."""
+    """What an image that is not one of the accepted arrays is, for its error message."""
     if type(rows) is not list:
         return describe(rows)
+    if not rows:
+        return "an empty array"
     if not all(type(row) is list for row in rows):
         return f"an array of {len(rows)} items, not all arrays"
-    return f"{len(rows)} rows of length {sorted({len(row) for row in rows})}"
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) != 1:
+        return f"{len(rows)} rows of length {lengths}"
+    pixels = list(chain.from_iterable(rows))
+    if not any(type(pixel) is list for pixel in pixels):
+        return f"an array ({len(rows)}, {lengths[0]})"
+    if not all(type(pixel) is list for pixel in pixels):
+        return f"({len(rows)}, {lengths[0]}) items, some arrays and some not"
+    depths = sorted({len(pixel) for pixel in pixels})
+    if len(depths) != 1:
+        return f"({len(rows)}, {lengths[0]}) pixels of {depths} values"
+    return f"an array ({len(rows)}, {lengths[0]}, {depths[0]})"
 
 
-def png_pixels(data: bytes, field: str, sizes: tuple[int, ...]) -> np.ndarray:
-    """One uploaded PNG as float32 (H, W) in 0..1, its size checked before it is decoded."""
-    accepted = " or ".join(f"{side}x{side}" for side in sizes)
+def open_upload(data: bytes, field: str) -> Image.Image:
+    """One uploaded PNG or JPEG, its header read and its mode checked; its pixels are not decoded yet."""
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            width, height = image.size
-            if width != height or width not in sizes:
-                raise RequestProblem(422, [(field, f"expected a {accepted} image, got {width}x{height}")])
-            if image.mode not in PNG_MODES:
-                raise RequestProblem(422, [(field, f"PNG mode {image.mode} is not supported: send an 8-bit image")])
-            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except UnidentifiedImageError:
-        raise RequestProblem(422, [(field, "not a PNG image")]) from None
+        raise RequestProblem(422, [(field, "not a PNG or JPEG image")]) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # Pillow on a damaged file
-        raise RequestProblem(422, [(field, f"damaged PNG image ({error})")]) from None
+        raise RequestProblem(422, [(field, f"damaged image ({error})")]) from None
+    if image.mode not in UPLOAD_MODES:
+        raise RequestProblem(422, [(field, f"{image.format} mode {image.mode} is not supported: send an 8-bit image")])
+    return image
 
 
-async def png_images(request: Request, body: bytes, sizes: tuple[int, ...], max_batch: int) -> list[np.ndarray]:
+def upload_pixels(image: Image.Image, field: str, spec: InputSpec) -> np.ndarray:
+    """An opened upload as float32 (S, S, C) in 0..1 (or a smaller square, which `preprocess` pads, with
+    resize "pad"): decoded, converted to the model's channels and, unless it fits as it is, resized to
+    the model's side."""
+    width, height = image.size
+    try:
+        converted = image.convert("L" if spec.channels == 1 else "RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow on a file damaged past its header
+        raise RequestProblem(422, [(field, f"damaged image ({error})")]) from None
+    if not (width == height and width in spec.sides):
+        converted = converted.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.float32) / 255.0
+    return pixels.reshape(*pixels.shape[:2], spec.channels)
+
+
+async def uploaded_images(request: Request, body: bytes, spec: InputSpec, settings: ServeSettings) -> list[np.ndarray]:
+    """Every upload's header is read, and their pixels counted, before any is decoded: what decoding costs
+    is bounded by `max_upload_pixels`, however small the files are (a black 2048x2048 PNG is 4 KB)."""
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=max_batch, max_fields=max_batch)
+        form = await Request(request.scope, replay).form(max_files=settings.max_batch, max_fields=settings.max_batch)
     except HTTPException as error:  # Starlette's answer to a malformed or oversized form
         raise RequestProblem(422, [("body", f"malformed multipart form: {error.detail}")]) from None
     unknown = sorted(set(form.keys()) - {"image"})
     if unknown:
-        raise RequestProblem(422, [(key, "unknown form field: send the PNG files as 'image'") for key in unknown])
+        raise RequestProblem(422, [(key, "unknown form field: send the PNG or JPEG files as 'image'") for key in unknown])
     uploads = form.getlist("image")
     if not uploads:
-        raise RequestProblem(422, [("image", "no file: send one or more PNG files as 'image'")])
-    images = []
+        raise RequestProblem(422, [("image", "no file: send one or more PNG or JPEG files as 'image'")])
+    opened, pixels = [], 0
     for index, upload in enumerate(uploads):
         field = f"image[{index}]"
         if isinstance(upload, str):
             raise RequestProblem(422, [(field, "expected a file upload, got a text field")])
-        images.append(png_pixels(await upload.read(), field, sizes))
-    return images
+        image = open_upload(await upload.read(), field)
+        width, height = image.size
+        pixels += width * height
+        if pixels > settings.max_upload_pixels:
+            problem = (f"{width}x{height}: the uploads hold {pixels} pixels up to this one, over the limit of "
+                       f"{settings.max_upload_pixels} per request")
+            raise RequestProblem(422, [(field, problem)])
+        opened.append((field, image))
+    return [upload_pixels(image, field, spec) for field, image in opened]
 
 
 class MetricsMiddleware:
@@ -385,10 +477,12 @@ def create_app(settings: ServeSettings, source: ModelSource) -> FastAPI:
         classifier.warm_up()
         yield
 
+    spec = classifier.spec
     app = FastAPI(
-        title="Data-free distilled MNIST student",
+        title="Data-free distilled student",
         version="1",
-        description="Classifies 28x28 or 32x32 grayscale digits with the ONNX student exported by the pipeline. "
+        description=f"Classifies {'grayscale' if spec.channels == 1 else 'RGB'} {spec.size}x{spec.size} images into "
+        f"{len(spec.class_names)} classes with the ONNX student exported by the pipeline. "
         'Every 4xx answer is `{"errors": [{"field", "problem"}]}`.',
         lifespan=lifespan,
     )
@@ -406,9 +500,9 @@ def create_app(settings: ServeSettings, source: ModelSource) -> FastAPI:
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        summary="Classify a batch of images (JSON arrays or PNG uploads)",
+        summary="Classify a batch of images (JSON arrays, or PNG or JPEG uploads)",
         responses={408: bad_request, 413: bad_request, 415: bad_request, 422: bad_request},
-        openapi_extra={"requestBody": request_body_openapi(classifier.image_sizes, settings.max_batch)},
+        openapi_extra={"requestBody": request_body_openapi(spec, settings.max_batch, settings.max_upload_pixels)},
     )
     async def predict(request: Request) -> PredictResponse:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -418,16 +512,16 @@ def create_app(settings: ServeSettings, source: ModelSource) -> FastAPI:
             )
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout)
         if content_type == "application/json":
-            images = json_images(body, classifier.image_sizes, settings.max_batch)
+            images = json_images(body, spec, settings.max_batch)
         else:
-            images = await png_images(request, body, classifier.image_sizes, settings.max_batch)
+            images = await uploaded_images(request, body, spec, settings)
         probabilities = classifier.probabilities(classifier.preprocess(images))
         IMAGES.inc(len(images))
         BATCH_SIZE.observe(len(images))
         best = probabilities.argmax(axis=1).tolist()
         return PredictResponse(
             predictions=[
-                Prediction(class_index=index, class_name=classifier.class_names[index], probabilities=row)
+                Prediction(class_index=index, class_name=spec.class_names[index], probabilities=row)
                 for index, row in zip(best, probabilities.tolist())
             ],
             model_name=source.name,
@@ -453,12 +547,15 @@ def create_app(settings: ServeSettings, source: ModelSource) -> FastAPI:
             sha256=classifier.sha256,
             input_name=classifier.input_name,
             input_shape=classifier.input_shape,
-            image_sizes=list(classifier.image_sizes),
-            pixel_mean=classifier.pixel_mean,
-            pixel_std=classifier.pixel_std,
-            class_names=classifier.class_names,
+            channels=spec.channels,
+            size=spec.size,
+            mean=list(spec.mean),
+            std=list(spec.std),
+            class_names=list(spec.class_names),
+            resize=spec.resize,
             max_batch=settings.max_batch,
             max_body_bytes=settings.max_body_bytes,
+            max_upload_pixels=settings.max_upload_pixels,
             onnxruntime_threads=threads,
         )
 

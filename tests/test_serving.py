@@ -31,13 +31,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import BIN, PROJECT
 from dfkd.data import load_split, to_model_input
 from dfkd.export import export_onnx, onnx_logits, onnx_session
-from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.inputs import ONNX_METADATA_KEY, InputSpec
+from dfkd.zoo import ModelConfig, build_model
 from serving.app import ServeSettings, create_app
-from serving.model import Classifier, ModelSource
+from serving.model import Classifier, ModelSource, ModelSourceError
+from serving.model import InputSpec as ServedInputSpec
 
 MAX_BATCH = 4
 MAX_BODY = 256 * 1024
 BODY_TIMEOUT = 1.0
+# MNIST's digits: 28x28 padded to LeNet-5's 32x32, one channel.
+GRAYSCALE = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple(map(str, range(10))), resize="pad")
+# Colour images of one side only, resized to it, with statistics of their own per channel.
+RGB = InputSpec(channels=3, size=16, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26),
+                class_names=("airplane", "bird", "cat", "frog", "ship"), resize="bilinear")
 
 
 def free_port() -> int:
@@ -47,19 +54,64 @@ def free_port() -> int:
 
 
 def png_bytes(pixels: np.ndarray, **save) -> bytes:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) pixels as an image file, PNG unless `format` says otherwise."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, **({"format": "PNG"} | save))
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1:] == (1,) else pixels).save(buffer, **({"format": "PNG"} | save))
     return buffer.getvalue()
+
+
+def export_random_model(directory: Path, architecture: str, spec: InputSpec) -> Path:
+    """A zoo model exported exactly as the export stage does (random weights: a fixed function is enough)."""
+    torch.manual_seed(0)
+    path = directory / f"{architecture}.onnx"
+    model = build_model(ModelConfig(architecture=architecture), spec.channels, spec.size, spec.num_classes)
+    export_onnx(model.eval(), spec, path, opset=18)
+    return path
 
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
-    """A LeNet-5-half exported exactly as the export stage does (random weights: a fixed function is enough)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serving") / "student.onnx"
-    classes = json.dumps([str(k) for k in range(10)])
-    export_onnx(LeNet5(ArchitectureConfig(width=0.5)).eval(), path, opset=18, metadata={"class_names": classes})
-    return path
+    """LeNet-5-half on MNIST's input: one channel, 28x28 digits padded to 32x32."""
+    return export_random_model(tmp_path_factory.mktemp("serving"), "lenet5_half", GRAYSCALE)
+
+
+@pytest.fixture(scope="module")
+def rgb_onnx_file(tmp_path_factory) -> Path:
+    """ResNet-8 on 16x16 RGB images, normalised per channel, into five named classes."""
+    return export_random_model(tmp_path_factory.mktemp("serving"), "resnet8", RGB)
+
+
+def input_spec_of(onnx_path: Path) -> InputSpec:
+    """The input spec the export stage wrote into an ONNX file."""
+    return InputSpec.model_validate_json(onnx_session(onnx_path).get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
+
+
+def with_metadata(source: Path, target: Path, **properties: str) -> Path:
+    """A copy of an ONNX file with its metadata replaced by `properties`."""
+    proto = onnx.load(str(source))
+    del proto.metadata_props[:]
+    for key, value in properties.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(target))
+    return target
+
+
+def expected_probabilities(onnx_path: Path, spec: InputSpec, images: list[np.ndarray]) -> np.ndarray:
+    """onnxruntime's softmax on uint8 (S, S, C) images brought to the model's input here, apart from the
+    server's code: scaled to [0, 1], normalised per channel (the last axis), made NCHW."""
+    pixels = np.stack(images).astype(np.float32) / 255.0
+    normalised = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    logits = onnx_logits(onnx_session(onnx_path), torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy()))
+    exponentials = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def centred_on_zeros(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 (S, S, C) image padded to (size, size, C), the extra row and column, if odd, after it."""
+    before = (size - image.shape[0]) // 2
+    after = size - image.shape[0] - before
+    return np.pad(image, ((before, after), (before, after), (0, 0)))
 
 
 @contextmanager
@@ -86,9 +138,21 @@ def client(onnx_file):
 
 
 @pytest.fixture(scope="module")
+def rgb_client(rgb_onnx_file):
+    with serving_thread(rgb_onnx_file, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
 def default_limits(onnx_file):
     """The service with its default batch and body limits, and a short body timeout."""
     with serving_thread(onnx_file, body_timeout=BODY_TIMEOUT) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def rgb_default_limits(rgb_onnx_file):
+    with serving_thread(rgb_onnx_file) as http:
         yield http
 
 
@@ -131,13 +195,23 @@ def predict(http: httpx.Client, images: np.ndarray) -> list[int]:
 # -- the pipeline's preprocessing and predictions ----------------------------------------------------------
 
 
-def test_preprocessing_is_the_pipelines_to_the_bit(onnx_file):
-    classifier = Classifier(ModelSource(onnx_file, "student", None), threads=1)
+@pytest.mark.parametrize("model, spec, sides", [("onnx_file", GRAYSCALE, (28, 31, 32)), ("rgb_onnx_file", RGB, (16,))])
+def test_preprocessing_is_the_pipelines_to_the_bit(request, model, spec, sides):
+    classifier = Classifier(ModelSource(request.getfixturevalue(model), "student", None), threads=1)
     rng = np.random.default_rng(0)
-    for side in (28, 32):
-        images = rng.integers(0, 256, size=(5, side, side), dtype=np.uint8)
+    for side in sides:
+        images = rng.integers(0, 256, size=(5, side, side, spec.channels), dtype=np.uint8)
         served = classifier.preprocess([image.astype(np.float32) / 255.0 for image in images])
-        assert np.array_equal(served, to_model_input(images).numpy())
+        assert np.array_equal(served, to_model_input(images, spec).numpy())
+
+
+def test_serving_parses_the_input_spec_the_pipeline_writes():
+    """serving restates dfkd.inputs.InputSpec, as it imports no pipeline code: the two must accept the same JSON."""
+    def schema(model) -> dict:
+        return {key: value for key, value in model.model_json_schema().items() if key != "description"}
+
+    assert schema(ServedInputSpec) == schema(InputSpec)
+    assert ServedInputSpec.model_validate_json(RGB.model_dump_json()).model_dump() == RGB.model_dump()
 
 
 def test_the_server_predicts_what_the_evaluate_stage_predicted(tiny_project):
@@ -152,7 +226,8 @@ def test_the_server_predicts_what_the_evaluate_stage_predicted(tiny_project):
     assert served == evaluated, "every test image gets the evaluate stage's prediction"
     assert [p["class_index"] for p in from_png] == evaluated[:8]
     assert metadata["sha256"] == hashlib.sha256((tiny_project / "models/student.onnx").read_bytes()).hexdigest()
-    assert metadata["version"] is None and metadata["input_shape"][1:] == [1, 32, 32]
+    spec = input_spec_of(tiny_project / "models/student.onnx")
+    assert metadata["version"] is None and metadata["input_shape"][1:] == [spec.channels, spec.size, spec.size]
 
 
 def test_a_registry_alias_serves_the_registered_version(tiny_project):
@@ -172,7 +247,7 @@ def test_a_registry_alias_serves_the_registered_version(tiny_project):
 def test_mlflow_models_serve_answers_with_the_same_logits(tiny_project):
     tracking = f"sqlite:///{tiny_project / 'mlflow.db'}"
     test = load_split(tiny_project / "data/prepared/test.npz")
-    model_input = to_model_input(test.images[:8])
+    model_input = to_model_input(test.images[:8], input_spec_of(tiny_project / "models/student.onnx"))
     expected = onnx_logits(onnx_session(tiny_project / "models/student.onnx"), model_input)
     port = free_port()
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DFKD_"))}
@@ -230,14 +305,11 @@ def test_serving_never_imports_torch_mlflow_or_the_pipeline(onnx_file):
 def test_a_model_that_cannot_be_served_stops_the_start_with_its_name(tmp_path, onnx_file):
     not_onnx = tmp_path / "broken.onnx"
     not_onnx.write_bytes(b"not a model")
-    no_metadata = tmp_path / "bare.onnx"
-    proto = onnx.load(str(onnx_file))
-    del proto.metadata_props[:]
-    onnx.save_model(proto, str(no_metadata))
+    no_metadata = with_metadata(onnx_file, tmp_path / "bare.onnx")
     cases = [
         (["--model", str(tmp_path / "missing.onnx")], "no such ONNX file"),
         (["--model", str(not_onnx)], "broken.onnx: not a loadable ONNX model"),
-        (["--model", str(no_metadata)], "bare.onnx: the ONNX metadata lacks pixel_mean"),
+        (["--model", str(no_metadata)], "bare.onnx: the ONNX metadata lacks input_spec"),
         (["--model", "models:/dfkd-student@nowhere"], "models:/dfkd-student@nowhere: cannot be loaded"),
         (["--model", str(onnx_file), "--max-batch", "0"], "--max-batch: Input should be greater than or equal to 1"),
         (["--model", str(onnx_file), "--body-timeout", "0"], "--body-timeout: Input should be greater than 0"),
@@ -248,6 +320,24 @@ def test_a_model_that_cannot_be_served_stops_the_start_with_its_name(tmp_path, o
             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"},
         )
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_an_input_spec_that_is_invalid_or_not_the_models_stops_the_start(tmp_path, onnx_file):
+    grayscale = GRAYSCALE.model_dump(mode="json")
+    cases = [
+        ("{not json", "the ONNX metadata's input_spec is invalid (Invalid JSON"),
+        (json.dumps(grayscale | {"channels": 2}), "channels: Input should be 1 or 3"),
+        (json.dumps(grayscale | {"mean": [0.5, 0.5, 0.5]}), "mean needs one value per channel (1)"),
+        (json.dumps(grayscale | {"gamma": 2.2}), "gamma: Extra inputs are not permitted"),
+        (json.dumps(grayscale | {"resize": "crop"}), "resize: Input should be 'pad' or 'bilinear'"),
+        (RGB.model_copy(update={"size": 32}).model_dump_json(), "describes 3x32x32 images, the model takes ['batch', 1, 32, 32]"),
+        (json.dumps(grayscale | {"class_names": ["odd", "even"]}), "names 2 classes, the model has 10 outputs"),
+    ]
+    for index, (spec_json, message) in enumerate(cases):
+        path = with_metadata(onnx_file, tmp_path / f"spec{index}.onnx", input_spec=spec_json)
+        with pytest.raises(ModelSourceError) as error:
+            Classifier(ModelSource(path, "student", None), threads=1)
+        assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)
 
 
 def test_several_workers_share_their_metrics(onnx_file):
@@ -276,8 +366,10 @@ def test_health_ready_metadata_and_metrics(client, onnx_file):
     assert client.get("/ready").json() == {"status": "ready"}
     metadata = client.get("/metadata").json()
     assert metadata["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
-    assert metadata["class_names"] == [str(k) for k in range(10)] and metadata["image_sizes"] == [28, 32]
+    assert {key: metadata[key] for key in GRAYSCALE.model_fields} == GRAYSCALE.model_dump(mode="json")
+    assert metadata["input_shape"] == ["batch", 1, 32, 32]
     assert (metadata["max_batch"], metadata["max_body_bytes"]) == (MAX_BATCH, MAX_BODY)
+    assert metadata["max_upload_pixels"] == ServeSettings.model_fields["max_upload_pixels"].default
     before = metric_value(client, "dfkd_http_requests_total", route="/predict", status="200")
     images_before = metric_value(client, "dfkd_predicted_images_total")
     assert client.post("/predict", json={"images": [[[0] * 32] * 32] * 3}).status_code == 200
@@ -291,20 +383,76 @@ def test_health_ready_metadata_and_metrics(client, onnx_file):
 def test_json_scales_and_png_upload_agree(client):
     digit = np.random.default_rng(1).integers(0, 256, size=(28, 28), dtype=np.uint8)
     raw = client.post("/predict", json={"images": [digit.tolist()]}).json()
+    with_channel = client.post("/predict", json={"images": [digit[..., None].tolist()]}).json()
     scaled = client.post("/predict", json={"images": [(digit / 255.0).tolist()], "pixel_scale": "0-1"}).json()
     uploaded = client.post("/predict", files={"image": ("d.png", png_bytes(digit), "image/png")}).json()
     rgb = client.post("/predict", files={"image": ("d.png", png_bytes(np.stack([digit] * 3, -1)), "image/png")}).json()
-    first = [answer["predictions"][0] for answer in (raw, scaled, uploaded, rgb)]
+    first = [answer["predictions"][0] for answer in (raw, with_channel, scaled, uploaded, rgb)]
     assert len({p["class_index"] for p in first}) == 1
     for prediction in first[1:]:
         assert np.allclose(prediction["probabilities"], first[0]["probabilities"], atol=1e-6)
     assert abs(sum(first[0]["probabilities"]) - 1) < 1e-6 and raw["model_name"] == "student"
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature and header chunk claiming a size, and no pixels: what a decompression bomb starts with."""
-    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header))
+def predictions_of(response: httpx.Response) -> tuple[np.ndarray, list[str]]:
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    return np.array([p["probabilities"] for p in predictions]), [p["class_name"] for p in predictions]
+
+
+def test_grayscale_uploads_of_any_size_and_mode_are_padded_or_resized(client, onnx_file):
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, size=(20, 20), dtype=np.uint8)
+    colour = rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
+    photo = png_bytes(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8), format="JPEG", quality=90)
+    uploads = [("image", ("small.png", png_bytes(small), "image/png")),
+               ("image", ("colour.png", png_bytes(colour), "image/png")),
+               ("image", ("photo.jpg", photo, "image/jpeg"))]
+    served, names = predictions_of(client.post("/predict", files=uploads))
+    expected = expected_probabilities(onnx_file, GRAYSCALE, [
+        centred_on_zeros(small[..., None], 32),  # square and smaller: padded, as the pipeline pads MNIST
+        centred_on_zeros(np.asarray(Image.fromarray(colour).convert("L"))[..., None], 32),
+        np.asarray(Image.open(io.BytesIO(photo)).convert("L").resize((32, 32), Image.Resampling.BILINEAR))[..., None],
+    ])
+    assert np.allclose(served, expected, atol=1e-6)
+    assert names == [GRAYSCALE.class_names[k] for k in expected.argmax(axis=1)]
+
+
+def test_rgb_uploads_and_arrays_get_the_models_answer(rgb_client, rgb_onnx_file):
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, size=(16, 16), dtype=np.uint8)
+    large = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+    jpeg = png_bytes(rgb, format="JPEG", quality=90)
+    uploads = [("image", ("rgb.png", png_bytes(rgb), "image/png")),
+               ("image", ("gray.png", png_bytes(gray), "image/png")),
+               ("image", ("rgb.jpg", jpeg, "image/jpeg")),
+               ("image", ("large.png", png_bytes(large), "image/png"))]
+    response = rgb_client.post("/predict", files=uploads)
+    served, names = predictions_of(response)
+    expected = expected_probabilities(rgb_onnx_file, RGB, [
+        rgb,
+        np.repeat(gray[..., None], 3, axis=-1),  # a grayscale upload: its value in every channel
+        np.asarray(Image.open(io.BytesIO(jpeg))),  # what the JPEG decodes to
+        np.asarray(Image.fromarray(large).resize((16, 16), Image.Resampling.BILINEAR)),
+    ])
+    assert np.allclose(served, expected, atol=1e-6)
+    assert names == [RGB.class_names[k] for k in expected.argmax(axis=1)]
+    from_json = rgb_client.post("/predict", json={"images": [rgb.tolist()]}).json()["predictions"]
+    assert from_json == response.json()["predictions"][:1], "an (H, W, 3) array is answered as the PNG of its pixels"
+    metadata = rgb_client.get("/metadata").json()
+    assert {key: metadata[key] for key in RGB.model_fields} == RGB.model_dump(mode="json")
+    assert metadata["input_shape"] == ["batch", 3, 16, 16]
+
+
+def png_of_few_pixels(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size and whose data holds a hundred bytes of pixels: what a decompression
+    bomb looks like before it is decoded (decoding it finds the file truncated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
 
 
 def square(side: int, value=0) -> list:
@@ -320,12 +468,15 @@ BAD_REQUESTS = [
     ({"json": {"images": []}}, 422, "images"),
     ({"json": {"images": [square(28)] * (MAX_BATCH + 1)}}, 422, "images"),
     ({"json": {"images": [square(28)], "colour": True}}, 422, "colour"),
-    ({"json": {"images": [square(30)]}}, 422, "images[0]"),
+    ({"json": {"images": [square(33)]}}, 422, "images[0]"),
+    ({"json": {"images": [square(28, [0, 0, 0])]}}, 422, "images[0]"),  # RGB pixels for a grayscale model
+    ({"json": {"images": [[[0] * 28] * 27 + [[[0]] * 28]]}}, 422, "images[0]"),  # (H, W) and (H, W, 1) mixed
     ({"json": {"images": [square(28), [[0] * 28] * 27 + [[0] * 20]]}}, 422, "images[1]"),
     ({"json": {"images": [[[0] * 28] * 28, 5]}}, 422, "images[1]"),
     ({"json": {"images": [square(28, "7")]}}, 422, "images[0][0][0]"),
     ({"json": {"images": [square(28, True)]}}, 422, "images[0][0][0]"),
     ({"json": {"images": [square(28, None)]}}, 422, "images[0][0][0]"),
+    ({"json": {"images": [square(28, ["7"])]}}, 422, "images[0][0][0][0]"),
     ({"content": json.dumps({"images": [square(28)]}).replace("0", "NaN", 1).encode(),
       "headers": {"content-type": "application/json"}}, 422, "images[0][0][0]"),
     ({"content": json.dumps({"images": [square(28)]}).replace("0", "1e999", 1).encode(),
@@ -333,7 +484,7 @@ BAD_REQUESTS = [
     ({"content": json.dumps({"images": [square(28)]}).replace("0", "1" + "0" * 400, 1).encode(),
       "headers": {"content-type": "application/json"}}, 422, "images[0][0][0]"),
     ({"json": {"images": "28x28"}}, 422, "images"),
-    ({"json": {"images": [[0] * 5000]}}, 422, "body"),  # more values than MAX_BATCH images hold: refused unparsed
+    ({"json": {"images": [[0] * 10_000]}}, 422, "body"),  # more values than MAX_BATCH images hold: refused unparsed
     ({"content": b'{"images": ' + b"[" * 1000 + b"]" * 1000 + b"}", "headers": {"content-type": "application/json"}},
      422, "body"),
     ({"json": {"images": [square(28, 256)]}}, 422, "images[0]"),
@@ -343,12 +494,11 @@ BAD_REQUESTS = [
     ({"content": b"[" * (MAX_BODY + 1), "headers": {"content-type": "application/json"}}, 413, "body"),
     ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n not really", "image/png")}}, 422, "image[0]"),
     ({"files": {"image": ("x.png", b"hello", "image/png")}}, 422, "image[0]"),
-    ({"files": {"image": ("x.png", png_bytes(np.zeros((30, 30), np.uint8)), "image/png")}}, 422, "image[0]"),
-    ({"files": {"image": ("x.png", png_header_only(28, 28), "image/png")}}, 422, "image[0]"),
-    ({"files": {"image": ("x.png", png_header_only(100_000, 100_000), "image/png")}}, 422, "image[0]"),
+    ({"files": {"image": ("x.png", png_of_few_pixels(28, 28), "image/png")}}, 422, "image[0]"),
+    ({"files": {"image": ("x.png", png_of_few_pixels(100_000, 100_000), "image/png")}}, 422, "image[0]"),
     ({"content": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": {"content-type": "application/json"}},
      422, "body"),
-    ({"files": {"image": ("x.jpg", png_bytes(np.zeros((28, 28), np.uint8), format="JPEG"), "image/jpeg")}}, 422, "image[0]"),
+    ({"files": {"image": ("x.gif", png_bytes(np.zeros((28, 28), np.uint8), format="GIF"), "image/gif")}}, 422, "image[0]"),
     ({"files": {"image": ("x.png", png_bytes(np.zeros((28, 28), np.uint16)), "image/png")}}, 422, "image[0]"),
     ({"files": {"picture": ("x.png", png_bytes(np.zeros((28, 28), np.uint8)), "image/png")}}, 422, "picture"),
     ({"files": {"image": (None, "not a file")}}, 422, "image[0]"),
@@ -356,13 +506,47 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("request_kwargs, status, field", BAD_REQUESTS)
-def test_bad_input_gets_a_4xx_naming_the_field(client, request_kwargs, status, field):
-    response = client.post("/predict", **request_kwargs)
+RGB_BAD_REQUESTS = [
+    ({"json": {"images": [square(16)]}}, 422, "images[0]"),  # (H, W): no channels
+    ({"json": {"images": [square(16, [0])]}}, 422, "images[0]"),
+    ({"json": {"images": [square(16, [0, 0, 0, 0])]}}, 422, "images[0]"),
+    ({"json": {"images": [square(15, [0, 0, 0])]}}, 422, "images[0]"),  # arrays are never resized
+    ({"json": {"images": [square(32, [0, 0, 0])]}}, 422, "images[0]"),
+    ({"json": {"images": [square(16, [0, "7", 0])]}}, 422, "images[0][0][0][1]"),
+    ({"json": {"images": [square(16, [0, 0, 256])]}}, 422, "images[0]"),
+    ({"json": {"images": [square(16, [0, 0, 1.5])], "pixel_scale": "0-1"}}, 422, "images[0]"),
+]
+
+
+def assert_refused(http: httpx.Client, request_kwargs: dict, status: int, field: str) -> None:
+    response = http.post("/predict", **request_kwargs)
     assert response.status_code == status, response.text
     errors = response.json()["errors"]
     assert errors and errors[0]["field"] == field and errors[0]["problem"], errors
-    assert client.get("/health").status_code == 200
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("request_kwargs, status, field", BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_naming_the_field(client, request_kwargs, status, field):
+    assert_refused(client, request_kwargs, status, field)
+
+
+@pytest.mark.parametrize("request_kwargs, status, field", RGB_BAD_REQUESTS)
+def test_bad_input_for_an_rgb_model_gets_a_4xx_naming_the_field(rgb_client, request_kwargs, status, field):
+    assert_refused(rgb_client, request_kwargs, status, field)
+
+
+def test_uploads_over_the_pixel_limit_are_refused_from_their_headers(client):
+    """Uploads of any size are taken, so what decoding them costs is bounded by --max-upload-pixels, summed over
+    a request and checked against their headers before any is decoded: decoding the first would find it truncated."""
+    limit = ServeSettings.model_fields["max_upload_pixels"].default
+    side = int((limit * 0.6) ** 0.5)  # one is within the limit, two are not
+    uploads = [("image", (f"{k}.png", png_of_few_pixels(side, side), "image/png")) for k in range(2)]
+    response = client.post("/predict", files=uploads)
+    assert response.status_code == 422 and response.json()["errors"] == [{
+        "field": "image[1]",
+        "problem": f"{side}x{side}: the uploads hold {2 * side * side} pixels up to this one, over the limit of {limit} per request",
+    }]
 
 
 def test_a_body_streamed_past_the_limit_is_cut_off(client):
@@ -426,11 +610,14 @@ def test_a_body_of_millions_of_values_is_refused_fast_and_health_keeps_answering
     assert response.json()["errors"][0]["field"] == "body", "refused before it is parsed"
 
 
-def test_the_largest_valid_batch_is_within_the_value_bound(default_limits):
-    metadata = default_limits.get("/metadata").json()
-    side = max(metadata["image_sizes"])
-    images = np.random.default_rng(0).random((metadata["max_batch"], side, side))
-    response = default_limits.post("/predict", json={"images": images.tolist(), "pixel_scale": "0-1"})
+@pytest.mark.parametrize("service", ["default_limits", "rgb_default_limits"])
+def test_the_largest_valid_batch_is_within_the_value_bound(request, service):
+    """The largest batch in the form with the most values: every image (S, S, C)."""
+    http = request.getfixturevalue(service)
+    metadata = http.get("/metadata").json()
+    shape = (metadata["max_batch"], metadata["size"], metadata["size"], metadata["channels"])
+    images = np.random.default_rng(0).integers(0, 256, size=shape)
+    response = http.post("/predict", json={"images": images.tolist()})
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == metadata["max_batch"]
 
@@ -498,7 +685,6 @@ def test_unknown_paths_and_methods_answer_in_the_same_format(client):
 
 # -- the OpenAPI description matches what the service accepts: fuzzed ---------------------------------------
 
-SIDES = st.sampled_from([28, 32] * 4 + [27, 31, 33])
 PIXELS = st.one_of(
     st.integers(0, 255), st.floats(0, 1), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(), st.none(), st.text(max_size=2),
@@ -511,27 +697,36 @@ JSON_VALUES = st.recursive(
 
 
 @st.composite
-def images(draw) -> list:
-    """Mostly well-formed images, some with an odd pixel, a wrong size or a ragged row."""
-    side = draw(SIDES)
-    image = square(side, draw(st.one_of(st.integers(0, 1), st.floats(0, 1), st.integers(0, 255))))
-    flaw = draw(st.sampled_from(["none"] * 6 + ["pixel", "pixel", "ragged"]))
-    if flaw == "pixel":
-        image[draw(st.integers(0, side - 1))][draw(st.integers(0, side - 1))] = draw(PIXELS)
+def images(draw, size: int) -> list:
+    """Mostly well-formed images of a model of side `size`, (S, S) or (S, S, 1 or 3), some with an odd value,
+    a wrong side, a ragged row or a pixel of another length."""
+    side = draw(st.sampled_from([size] * 4 + [size - 4, size - 1, size + 1]))
+    depth = draw(st.sampled_from([None, 1, 3]))  # None: one number per pixel
+    value = draw(st.one_of(st.integers(0, 1), st.floats(0, 1), st.integers(0, 255)))
+    image = [[value if depth is None else [value] * depth for _ in range(side)] for _ in range(side)]
+    flaw = draw(st.sampled_from(["none"] * 6 + ["value", "value", "ragged", "pixel length"]))
+    y, x = draw(st.integers(0, side - 1)), draw(st.integers(0, side - 1))
+    if flaw == "value" and depth is None:
+        image[y][x] = draw(PIXELS)
+    elif flaw == "value":
+        image[y][x][draw(st.integers(0, depth - 1))] = draw(PIXELS)
     elif flaw == "ragged":
-        image[draw(st.integers(0, side - 1))].pop()
+        image[y].pop()
+    elif flaw == "pixel length":
+        image[y][x] = image[y][x][1:] if depth else [value]
     return image
 
 
-REQUESTS = st.fixed_dictionaries(
-    {"images": st.lists(images(), min_size=1, max_size=2)},
-    optional={"pixel_scale": st.sampled_from(["0-255", "0-1", "0-255", "0-1", "1", 1])},
-)
-ODD_REQUESTS = st.fixed_dictionaries(
-    {"images": st.lists(images(), max_size=MAX_BATCH + 1)},
-    optional={"pixel_scale": st.sampled_from(["0-255", "0-1", "1", 1]), "extra": JSON_VALUES},
-)
-BODIES = st.one_of(REQUESTS, ODD_REQUESTS, JSON_VALUES)
+def bodies(size: int):
+    requests = st.fixed_dictionaries(
+        {"images": st.lists(images(size), min_size=1, max_size=2)},
+        optional={"pixel_scale": st.sampled_from(["0-255", "0-1", "0-255", "0-1", "1", 1])},
+    )
+    odd_requests = st.fixed_dictionaries(
+        {"images": st.lists(images(size), max_size=MAX_BATCH + 1)},
+        optional={"pixel_scale": st.sampled_from(["0-255", "0-1", "1", 1]), "extra": JSON_VALUES},
+    )
+    return st.one_of(requests, odd_requests, JSON_VALUES)
 
 
 def finite(value) -> bool:
@@ -544,18 +739,22 @@ def finite(value) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def openapi(client) -> dict:
-    return client.get("/openapi.json").json()
+@pytest.fixture(scope="module", params=["client", "rgb_client"])
+def described_service(request) -> tuple[httpx.Client, dict, int]:
+    """A service, its OpenAPI description and its model's side."""
+    http = request.getfixturevalue(request.param)
+    return http, http.get("/openapi.json").json(), http.get("/metadata").json()["size"]
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(body=BODIES)
-def test_fuzz_the_service_accepts_exactly_what_its_openapi_describes(client, openapi, body):
+@given(data=st.data())
+def test_fuzz_the_service_accepts_exactly_what_its_openapi_describes(described_service, data):
+    http, openapi, size = described_service
+    body = data.draw(bodies(size), label="body")
     operation = openapi["paths"]["/predict"]["post"]
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     components = {"components": openapi["components"]}
-    response = client.post("/predict", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    response = http.post("/predict", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert str(response.status_code) in operation["responses"], response.text
     documented = operation["responses"][str(response.status_code)]["content"]["application/json"]["schema"]
     jsonschema.validate(response.json(), {**documented, **components})
