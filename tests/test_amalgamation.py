@@ -1,5 +1,6 @@
 """DFKA pieces: the TargetNet, the label union, the naive combination, the losses, group-stack training."""
 
+import copy
 import math
 
 import pytest
@@ -22,35 +23,50 @@ from dfkd.amalgamation import (
     synthesize_conflicts,
     teacher_offsets,
 )
-from dfkd.checkpoint import ResumeState, load_classifier, save_classifier
+from dfkd.checkpoint import ResumeState
+from dfkd.classifier import TARGETNET, build_classifier, load_classifier, save_classifier
 from dfkd.export import check_parity, export_onnx, onnx_logits, onnx_session
+from dfkd.inputs import InputSpec
 from dfkd.losses import information_entropy_loss
-from dfkd.models import ArchitectureConfig, LabelUnion, LeNet5, TargetNet, TargetNetConfig
+from dfkd.models import LabelUnion, TargetNet, TargetNetConfig
 from dfkd.synthesis import FixedImages, GaussianNoise, Mixture
 from dfkd.synthesis.dafl import dafl_losses
+from dfkd.teacher import Teacher, TeacherError
+from dfkd.zoo import ModelConfig, build_model
+from dfkd.zoo.lenet import LeNet5
 
 HALVES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
 CPU = torch.device("cpu")
 NO_OFFSETS = [0.0, 0.0]
 
 
+def mnist_spec(classes) -> InputSpec:
+    """MNIST's input, for a teacher of the given digits."""
+    return InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple(str(c) for c in classes),
+                     resize="pad")
+
+
 def parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def half_teachers(seed: int = 0) -> list[LeNet5]:
+def lenet_teacher(group, width: float = 1.0) -> Teacher:
+    return Teacher(LeNet5(channels=1, image_size=32, num_classes=len(group), width=width), mnist_spec(group))
+
+
+def half_teachers(seed: int = 0) -> list[Teacher]:
     torch.manual_seed(seed)
-    return [LeNet5(ArchitectureConfig(num_classes=len(group))).eval() for group in HALVES]
+    return [lenet_teacher(group) for group in HALVES]
 
 
 def test_target_net_shapes_and_size():
     student = TargetNet(TargetNetConfig(groups=HALVES))
     blocks, heads, union = student.forward_all(torch.randn(4, 1, 32, 32))
-    teacher_blocks = half_teachers()[0].forward_blocks(torch.randn(4, 1, 32, 32))[1]
+    teacher_blocks = half_teachers()[0].forward_blocks(torch.randn(4, 1, 32, 32), "test")[1]
     assert [b.shape for b in blocks] == [b.shape for b in teacher_blocks]  # a LeNet-5 trunk at width 1
     assert [h.shape for h in heads] == [(4, 5), (4, 5)] and union.shape == (4, 10)
     assert student.config.num_classes == 10
-    assert parameters(student) < sum(parameters(t) for t in half_teachers()) * 0.6
+    assert parameters(student) < sum(parameters(t.model) for t in half_teachers()) * 0.6
     assert parameters(TargetNet(TargetNetConfig(groups=HALVES, width=0.5))) < parameters(student) / 3
 
 
@@ -111,23 +127,32 @@ def test_a_mixture_draws_each_batch_in_the_given_shares():
 
 
 def test_teachers_of_other_input_shapes_or_output_counts_are_named():
-    good = LeNet5(ArchitectureConfig(num_classes=5))
-    colour = LeNet5(ArchitectureConfig(in_channels=3, num_classes=5))
-    with pytest.raises(AmalgamationError, match=r"teacher 'rgb' takes 3x32x32 inputs but teacher 'gray' takes 1x32x32"):
+    good = mnist_spec(range(5))
+    colour = InputSpec(channels=3, size=32, mean=(0.1307,) * 3, std=(0.3081,) * 3, class_names=tuple("56789"))
+    with pytest.raises(AmalgamationError, match=r"teacher 'rgb' takes 3x32x32 inputs .* but teacher 'gray' takes 1x32x32"):
         check_teachers({"gray": good, "rgb": colour}, {"gray": [0, 1, 2, 3, 4], "rgb": [5, 6, 7, 8, 9]})
     with pytest.raises(AmalgamationError, match=r"teacher 'b' has 5 outputs but is declared with 3 classes"):
         check_teachers({"a": good, "b": good}, {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7]})
+    check_teachers({"a": good, "b": mnist_spec(range(5, 10))}, {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]})
+
+
+def test_teachers_of_one_shape_but_another_normalisation_are_named():
+    # The same 1x32x32 images, normalised otherwise: one transfer image cannot be both teachers' input.
+    other = mnist_spec(range(5, 10)).model_copy(update={"mean": (0.5,), "std": (0.5,)})
+    with pytest.raises(AmalgamationError, match=r"teacher 'b' takes 1x32x32 inputs normalised by mean \[0.5\], std \[0.5\] "
+                       r"but teacher 'a' takes 1x32x32 by mean \[0.1307\], std \[0.3081\]: amalgamated teachers must share"):
+        check_teachers({"a": mnist_spec(range(5)), "b": other}, {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]})
 
 
 def test_feature_adapters_map_the_student_to_each_teacher():
-    teachers = [LeNet5(ArchitectureConfig(num_classes=5)), LeNet5(ArchitectureConfig(num_classes=5, width=0.5))]
+    teachers = [lenet_teacher(HALVES[0]), lenet_teacher(HALVES[1], width=0.5)]
     student = TargetNet(TargetNetConfig(groups=HALVES, width=0.75))
     adapters = feature_adapters(student, teachers)
     images = torch.randn(2, 1, 32, 32)
     student_blocks = student.forward_all(images)[0]
     for b, block in enumerate(student_blocks):
         for t, teacher in enumerate(teachers):
-            assert adapters[b][t](block).shape == teacher.forward_blocks(images)[1][b].shape
+            assert adapters[b][t](block).shape == teacher.forward_blocks(images, "test")[1][b].shape
 
 
 def test_fitted_adapters_recover_a_linear_map_of_the_student_features():
@@ -152,8 +177,23 @@ def test_student_starts_as_the_teachers():
     images = torch.randn(4, 1, 32, 32)
     blocks, heads, _ = student.forward_all(images)
     assert torch.allclose(heads[0], teachers[0](images))  # the first teacher's trunk and head: that teacher
-    assert all(torch.equal(mine, theirs) for mine, theirs in zip(blocks, teachers[0].forward_blocks(images)[1]))
-    assert torch.equal(student.heads[1][2].weight, teachers[1].classifier.weight)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(blocks, teachers[0].forward_blocks(images, "test")[1]))
+    assert torch.equal(student.heads[1][2].weight, teachers[1].model.classifier.weight)
+
+
+def test_a_teacher_that_is_not_a_lenet_cannot_be_the_students_start():
+    torch.manual_seed(0)
+    resnet = Teacher(build_model(ModelConfig(architecture="resnet8"), 1, 32, 5), mnist_spec(range(5, 10)))
+    for teachers in ([half_teachers()[0], resnet], [resnet, half_teachers()[0]]):  # as the trunk's or a head's source
+        with pytest.raises(AmalgamationError, match=r"needs LeNet-5 teachers \(3 conv and 2 linear layers\); turn "
+                           r"start_from_teachers off"):
+            copy_teacher_weights(TargetNet(TargetNetConfig(groups=HALVES)), teachers)
+
+
+def test_group_stack_needs_teachers_that_name_their_blocks():
+    plain = Teacher(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 5)), mnist_spec(range(5, 10)))
+    with pytest.raises(TeacherError, match="group-stack training needs the teacher's blocks"):
+        feature_adapters(TargetNet(TargetNetConfig(groups=HALVES)), [half_teachers()[0], plain])
 
 
 def test_student_of_another_width_cannot_start_as_the_teachers():
@@ -162,18 +202,18 @@ def test_student_of_another_width_cannot_start_as_the_teachers():
         copy_teacher_weights(student, half_teachers())
 
 
-def trained_teachers() -> list[LeNet5]:
+def trained_teachers() -> list[Teacher]:
     """Teachers that tell their classes apart: each fitted to a few fixed images per class."""
     torch.manual_seed(0)
     images, teachers = torch.randn(10, 1, 32, 32), half_teachers()
     for teacher, group in zip(teachers, HALVES):
-        optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(teacher.model.parameters(), lr=1e-3)
         for _ in range(30):
             loss = torch.nn.functional.cross_entropy(teacher(images[list(group)]), torch.arange(5))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return [teacher.eval() for teacher in teachers]
+    return [Teacher(teacher.model.eval(), teacher.spec) for teacher in teachers]
 
 
 def test_conflict_images_are_claimed_by_every_teacher():
@@ -208,10 +248,9 @@ def test_interrupted_conflict_synthesis_resumes_to_the_same_images(tmp_path):
 
 def test_offsets_cancel_the_arbitrary_level_of_a_teachers_logits():
     teachers, images = trained_teachers(), torch.randn(16, 1, 32, 32)
-    raised = [teachers[0], LeNet5(teachers[1].config).eval()]
-    raised[1].load_state_dict(teachers[1].state_dict())
+    raised = [teachers[0], Teacher(copy.deepcopy(teachers[1].model), teachers[1].spec)]
     with torch.no_grad():
-        raised[1].classifier.bias += 3.0  # the same softmax, every logit 3 higher
+        raised[1].model.classifier.bias += 3.0  # the same softmax, every logit 3 higher
         logits, raised_logits = ([teacher(images) for teacher in group] for group in (teachers, raised))
     offsets, raised_offsets = teacher_offsets(logits), teacher_offsets(raised_logits)
     assert math.isclose(raised_offsets[1] - offsets[1], 3.0, rel_tol=1e-4) and raised_offsets[0] == offsets[0]
@@ -279,12 +318,16 @@ def test_interrupted_group_stack_resumes_to_the_same_student(tmp_path):
 
 def test_target_net_checkpoint_and_onnx_give_the_combined_prediction(tmp_path):
     torch.manual_seed(0)
-    student = TargetNet(TargetNetConfig(groups=((0, 1, 2), (2, 3, 4)))).eval()
-    save_classifier(tmp_path / "student.pt", student)
+    spec = mnist_spec(range(5))
+    classifier = build_classifier(TARGETNET, {"groups": [[0, 1, 2], [2, 3, 4]], "width": 1.0}, spec)
+    student = classifier.model.eval()
+    assert isinstance(student, TargetNet) and student.config.groups == ((0, 1, 2), (2, 3, 4))
+    save_classifier(tmp_path / "student.pt", classifier)
     restored = load_classifier(tmp_path / "student.pt")
     images = torch.randn(300, 1, 32, 32)
-    assert isinstance(restored, TargetNet) and torch.equal(restored(images), student(images))
-    export_onnx(restored, tmp_path / "student.onnx", opset=18)
-    report = check_parity(restored, tmp_path / "student.onnx", images[:256], max_abs_diff=1e-4)
+    assert restored.architecture == TARGETNET and restored.spec == spec
+    assert isinstance(restored.model, TargetNet) and torch.equal(restored.model(images), student(images))
+    export_onnx(restored.model, spec, tmp_path / "student.onnx", opset=18)
+    report = check_parity(restored.model, tmp_path / "student.onnx", images[:256], max_abs_diff=1e-4)
     assert report["argmax_mismatches"] == 0
     assert onnx_logits(onnx_session(tmp_path / "student.onnx"), images[:7]).shape == (7, 5)

@@ -5,8 +5,8 @@ import torch
 
 from dfkd.checkpoint import ResumeState
 from dfkd.distill import DistillConfig, distill
-from dfkd.models import ArchitectureConfig, LeNet5
 from dfkd.synthesis import GaussianNoise
+from dfkd.zoo.lenet import LeNet5
 
 
 class Killed(Exception):
@@ -15,8 +15,8 @@ class Killed(Exception):
 
 def run_distill(resume: ResumeState | None, kill_at: int | None = None, seen: list | None = None) -> LeNet5:
     torch.manual_seed(0)
-    teacher = LeNet5(ArchitectureConfig()).eval()
-    student = LeNet5(ArchitectureConfig(width=0.5))
+    teacher = LeNet5(channels=1, image_size=32, num_classes=10, width=1.0).eval()
+    student = LeNet5(channels=1, image_size=32, num_classes=10, width=0.5)
 
     def on_step(step, metrics):
         if seen is not None:
