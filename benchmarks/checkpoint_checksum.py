@@ -18,7 +18,8 @@ sys.path.insert(0, str(PROJECT))
 
 from benchmarks.report import machine, write_section  # noqa: E402
 from dfkd.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from dfkd.models import ArchitectureConfig, Generator, LeNet5  # noqa: E402
+from dfkd.models import Generator  # noqa: E402
+from dfkd.zoo import ModelConfig, build_model  # noqa: E402
 
 ROUNDS = 7
 
@@ -26,7 +27,7 @@ ROUNDS = 7
 def payloads() -> dict[str, dict]:
     """Checkpoints of the default pipeline's sizes: the teacher, the DAFL generator, ZSKD's impressions."""
     return {
-        "teacher (LeNet-5)": {"kind": "classifier", "state_dict": LeNet5(ArchitectureConfig()).state_dict()},
+        "teacher (LeNet-5)": {"kind": "classifier", "state_dict": build_model(ModelConfig(architecture="lenet5"), 1, 32, 10).state_dict()},
         "DAFL generator (width 32)": {"kind": "transfer_set", "state_dict": Generator(latent_dim=100, width=32).state_dict()},
         "ZSKD transfer set (4,000 impressions)": {
             "kind": "transfer_set", "images": torch.rand(4000, 1, 32, 32), "targets": torch.rand(4000, 10),

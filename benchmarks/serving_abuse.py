@@ -297,8 +297,12 @@ def main() -> None:
         metadata = json.loads(get(server.port, "/metadata"))
     finally:
         server.stop()
-    bodies = request_bodies(metadata["max_batch"], metadata["image_sizes"], metadata["max_body_bytes"])
-    side = min(metadata["image_sizes"])
+    if metadata["channels"] != 1:
+        raise SystemExit(f"{args.model}: the bodies here are grayscale images; serve a one-channel model")
+    # A padding model also takes smaller squares (MNIST's 28x28 digits in a 32x32 input).
+    sizes = [metadata["size"] - 4, metadata["size"]] if metadata["resize"] == "pad" else [metadata["size"]]
+    bodies = request_bodies(metadata["max_batch"], sizes, metadata["max_body_bytes"])
+    side = min(sizes)
     warm_up = json.dumps({"images": [[[0] * side] * side]}).encode()
     results = []
     for name, body in bodies.items():

@@ -220,6 +220,13 @@ def feature_adapters(student: TargetNet, teachers: list[Teacher]) -> nn.ModuleLi
     with torch.no_grad():
         student_blocks = student.cpu().forward_all(probe)[0]
         teacher_blocks = [teacher.to(torch.device("cpu")).forward_blocks(probe, GROUP_STACK)[1] for teacher in teachers]
+    for teacher, blocks in zip(teachers, teacher_blocks):
+        if [tuple(block.shape[2:]) for block in blocks] != [tuple(block.shape[2:]) for block in student_blocks]:
+            raise AmalgamationError(
+                "group-stack training needs teachers whose blocks match the TargetNet's (LeNet-5) in number and "
+                f"resolution: {[tuple(block.shape[1:]) for block in student_blocks]} against a teacher's "
+                f"{[tuple(block.shape[1:]) for block in blocks]}; amalgamate LeNet-5 teachers"
+            )
     adapters = nn.ModuleList()
     for b, mine in enumerate(student_blocks):
         layer = nn.Conv2d if mine.ndim == 4 else nn.Linear

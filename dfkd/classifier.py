@@ -9,6 +9,7 @@ of a name and weights. Both load with `torch.load(weights_only=True)`, the progr
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.inputs import InputSpec
 from dfkd.models import TargetNet, TargetNetConfig
-from dfkd.zoo import ModelConfig, ZooError, build_model
+from dfkd.zoo import ModelConfig, build_model
 
 EXPORTED = "torch.export"  # the architecture name of a classifier that is an exported program
 TARGETNET = "targetnet"
@@ -46,7 +47,10 @@ def build_classifier(architecture: str, options: dict, spec: InputSpec) -> Class
 def load_program(program: bytes, source: str) -> nn.Module:
     """An exported program as a module whose submodules keep their names, so hooks reach its layers."""
     try:
-        return torch.export.unflatten(torch.export.load(io.BytesIO(program)))
+        with warnings.catch_warnings():
+            # torch.export's own deserialiser trips torch's deprecation of its LeafSpec: nothing the user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.export.unflatten(torch.export.load(io.BytesIO(program)))
     except Exception as error:  # torch.export raises many unrelated types for a file that is not a program
         raise CheckpointError(f"{source}: not a torch.export program ({type(error).__name__}: {error})") from error
 
@@ -94,7 +98,7 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
         if architecture == EXPORTED:
             return exported_classifier(payload["program"].numpy().tobytes(), spec, str(path))
         classifier = build_classifier(architecture, payload["options"], spec)
-    except (KeyError, TypeError, ValueError, ZooError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: not a classifier checkpoint of this package ({error})") from error
     load_weights(classifier.model, payload["state_dict"], str(path))
     classifier.model.eval()
@@ -137,7 +141,7 @@ def check_classifier(classifier: Classifier, source: str) -> None:
         with torch.no_grad():
             output = model(batch)
     except Exception as error:  # whatever a user's network raises on an input it cannot take
-        hint = " (export it with a dynamic batch dimension)" if classifier.architecture == EXPORTED else ""
+        hint = " (export it with a dynamic batch dimension)" if takes_one_image(model, batch[:1]) else ""
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
             f"{source}: the classifier rejects inputs of the declared shape {tuple(batch.shape)}{hint} "
@@ -149,6 +153,16 @@ def check_classifier(classifier: Classifier, source: str) -> None:
             f"{source}: on a batch of 2 the classifier answers {found}, not (batch, classes) = "
             f"(2, {classifier.spec.num_classes}) for the {classifier.spec.num_classes} declared classes"
         )
+
+
+def takes_one_image(model: nn.Module, image: torch.Tensor) -> bool:
+    """Whether `model` runs on a batch of one: a program exported with a fixed batch of 1 does."""
+    try:
+        with torch.no_grad():
+            model(image)
+    except Exception:  # the same unknown errors as check_classifier's
+        return False
+    return True
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -97,9 +97,10 @@ def to_model_input(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.
     model of `spec`, as the server preprocesses an upload: grayscale and RGB converted to the model's
     channels (ITU-R 601 luma, as Pillow's convert("L")), brought to its side as `spec.resize` says,
     normalised per channel."""
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2]:
+        raise DataError(f"expected square images of shape (N, H, W, 1 or 3), got {shape}")
     pixels = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    if pixels.ndim != 4 or pixels.shape[1] not in (1, 3) or pixels.shape[2] != pixels.shape[3]:
-        raise DataError(f"expected square images of shape (N, H, W, 1 or 3), got {tuple(np.shape(images))}")
     if pixels.shape[1] == 3 and spec.channels == 1:
         pixels = (pixels * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     elif pixels.shape[1] == 1 and spec.channels == 3:

@@ -13,6 +13,7 @@ of the ONNX file on disk by its hash (pipeline/promote.py).
     python -m pipeline.flow                                   # run with params.yaml as it is
     python -m pipeline.flow -S distill.dafl.steps=4000 -S seed=1   # with overrides
     python -m pipeline.flow --variant amalgamation            # the amalgamation pipeline (amalgamation/dvc.yaml)
+    python -m pipeline.flow --preset fashion_mnist            # a published setting (presets/), -S on top
 """
 
 import argparse
@@ -57,6 +58,8 @@ AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
 ]
 
 REUSED_TAG = "dfkd.reused_stages"  # stages whose outputs DVC kept or restored instead of running them
+
+PRESETS = ROOT / "presets"  # one file of overrides per published setting
 
 
 class Variant(NamedTuple):
@@ -218,13 +221,29 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+def preset_overrides(name: str) -> dict[str, object]:
+    """The overrides of presets/<name>.yaml: dotted keys and values, as `-S` takes them."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(found.stem for found in PRESETS.glob("*.yaml")))
+        raise ParamsError(f"--preset {name}: no such preset (the presets: {known})")
+    try:
+        overrides = YAML(typ="safe").load(path.read_text())
+    except YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{path}: expected a mapping of dotted keys to values")
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     parser.add_argument("--variant", choices=VARIANTS, default="distillation", help="which pipeline to run")
+    parser.add_argument("--preset", help="a published setting: the overrides of presets/<PRESET>.yaml")
     args = parser.parse_args()
     try:  # a mistake costs one line here, before Prefect starts, not a failed flow run
-        overrides = parse_overrides(args.set_param)
+        overrides = {**(preset_overrides(args.preset) if args.preset else {}), **parse_overrides(args.set_param)}
         overridden(overrides)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,6 @@ from dfkd.export import ParityError
 from dfkd.inputs import InputSpec
 from dfkd.runtime import resolve_device, seed_everything
 from dfkd.teacher import TeacherError
-from dfkd.zoo import ZooError
 from stages.params import ROOT, Params, ParamsError
 
 PREPARED = ROOT / "data" / "prepared"
@@ -120,6 +119,6 @@ def run(main: Callable[[], None]) -> None:
     instead of a traceback."""
     try:
         main()
-    except (ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, ZooError) as error:
+    except (ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

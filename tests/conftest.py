@@ -47,7 +47,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 120) -> None:
 
 def merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
-        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+        base[key] = merge(base.get(key) or {}, value) if isinstance(value, dict) else value
     return base
 
 

@@ -196,6 +196,12 @@ def test_group_stack_needs_teachers_that_name_their_blocks():
         feature_adapters(TargetNet(TargetNetConfig(groups=HALVES)), [half_teachers()[0], plain])
 
 
+def test_group_stack_refuses_teachers_whose_blocks_do_not_match_the_targetnets():
+    resnet = Teacher(build_model(ModelConfig(architecture="resnet8"), 1, 32, 5), mnist_spec(range(5, 10)))
+    with pytest.raises(AmalgamationError, match=r"group-stack training needs teachers whose blocks match the TargetNet's"):
+        feature_adapters(TargetNet(TargetNetConfig(groups=HALVES)), [half_teachers()[0], resnet])
+
+
 def test_student_of_another_width_cannot_start_as_the_teachers():
     student = TargetNet(TargetNetConfig(groups=HALVES, width=0.5))
     with pytest.raises(AmalgamationError, match=r"\(3, 1, 5, 5\) against the teacher's \(6, 1, 5, 5\).*start_from_teachers"):

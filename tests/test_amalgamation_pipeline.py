@@ -13,8 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_PARAMS, copy_project, merge, run
-from dfkd.checkpoint import load_checkpoint, save_checkpoint, save_classifier
-from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.checkpoint import load_checkpoint, save_checkpoint
+from dfkd.classifier import build_classifier, save_classifier
+from dfkd.inputs import InputSpec
 from pipeline.flow import AMALGAMATION_STAGES
 from stages.tracking import INVOCATION_TAG
 
@@ -146,7 +147,8 @@ def test_bad_teacher_lists_stop_the_stage_before_training(project, teachers, exp
 
 def test_a_teacher_of_another_input_shape_is_named_before_training(project):
     torch.manual_seed(0)
-    save_classifier(project / "amalgamation/teachers/colour.pt", LeNet5(ArchitectureConfig(in_channels=3, num_classes=5)))
+    colour = InputSpec(channels=3, size=32, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=tuple("56789"))
+    save_classifier(project / "amalgamation/teachers/colour.pt", build_classifier("lenet5", {}, colour))
     original = set_teachers(
         project,
         {"digits_0_4": {"classes": [0, 1, 2, 3, 4]},
@@ -158,7 +160,8 @@ def test_a_teacher_of_another_input_shape_is_named_before_training(project):
         (project / "params.yaml").write_text(original)
         (project / "amalgamation/teachers/colour.pt").unlink()
     assert result.returncode == 2
-    assert "teacher 'colour' takes 3x32x32 inputs but teacher 'digits_0_4' takes 1x32x32" in result.stderr
+    assert ("teacher 'colour' takes 3x32x32 inputs normalised by mean [0.5, 0.5, 0.5], std [0.25, 0.25, 0.25] but "
+            "teacher 'digits_0_4' takes 1x32x32 by mean [0.1307], std [0.3081]") in result.stderr
 
 
 def test_conflict_images_made_for_other_teachers_are_refused_before_training(project):

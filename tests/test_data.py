@@ -187,9 +187,6 @@ def test_images_that_are_not_square_gray_or_rgb_are_refused():
         to_model_input(np.zeros((1, 28, 28, 2), dtype=np.uint8), MNIST)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "library bug: dfkd.data.to_model_input permutes to (N, C, H, W) before it checks the number of "
-    "dimensions, so (N, H, W) images raise torch's RuntimeError from permute, not the DataError"))
 def test_images_without_a_channel_axis_are_refused_with_a_data_error():
     with pytest.raises(DataError, match=r"expected square images of shape \(N, H, W, 1 or 3\), got \(1, 28, 28\)"):
         to_model_input(np.zeros((1, 28, 28), dtype=np.uint8), MNIST)

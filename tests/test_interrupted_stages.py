@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, wait_for
-from dfkd.checkpoint import load_classifier
+from dfkd.classifier import load_classifier
 from stages.tracking import INVOCATION_TAG, STAGE_TAG
 
 # The stage saves its resume state every 200 steps: a kill at the first save leaves 40 steps and the
@@ -106,7 +106,7 @@ def test_state_saved_at_the_last_step_leads_to_a_completed_stage(tmp_path):
     (project / "models/teacher.pt").rmdir()
     rerun = run([sys.executable, "-m", "stages.train_teacher"], project).stdout
     assert "train_teacher: resuming from step 1 of 1 (.resume/train_teacher.pt)" in rerun
-    assert load_classifier(project / "models/teacher.pt").config.num_classes == 10
+    assert load_classifier(project / "models/teacher.pt").spec.num_classes == 10
     with open(project / "reports/train_teacher/curve.csv") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [1]
     assert not (project / ".resume/train_teacher.pt").exists()

@@ -177,9 +177,6 @@ def test_a_transfer_set_for_another_input_is_refused(tmp_path):
         load_transfer_set(tmp_path / "ts.pt", CPU, other)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug: dfkd.synthesis.methods.load_transfer_set builds InputSpec(**payload.get('input', {})) unguarded, so a "
-    "transfer set without a valid input description raises pydantic's ValidationError, not a CheckpointError"))
 def test_a_transfer_set_without_an_input_description_is_a_checkpoint_error(tmp_path):
     save_checkpoint(tmp_path / "old.pt", {"kind": "transfer_set", "method": "dafl", "metadata": {}})  # no "input"
     with pytest.raises(CheckpointError, match="old.pt"):
@@ -302,8 +299,9 @@ def test_an_exported_classifier_round_trips_through_a_package_checkpoint(exporte
 def test_check_classifier_refuses_a_declared_shape_the_program_rejects(exported):
     _, path = exported
     small = MNIST.model_copy(update={"size": 16})
-    with pytest.raises(CheckpointError, match=r"x.pt2: the classifier rejects inputs of the declared shape \(2, 1, 16, 16\)"):
+    with pytest.raises(CheckpointError, match=r"x.pt2: the classifier rejects inputs of the declared shape \(2, 1, 16, 16\)") as error:
         check_classifier(load_user_classifier(path, EXPORTED, {}, small), str(path))
+    assert "dynamic batch" not in str(error.value), "the batch is not what it rejects"
     colour = InputSpec(channels=3, size=32, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=MNIST.class_names)
     with pytest.raises(CheckpointError, match=r"x.pt2: the classifier rejects inputs of the declared shape \(2, 3, 32, 32\)"):
         check_classifier(load_user_classifier(path, EXPORTED, {}, colour), str(path))

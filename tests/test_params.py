@@ -4,7 +4,10 @@ import pytest
 from pydantic import BaseModel
 from ruamel.yaml import YAML
 
+from conftest import PROJECT
+from dfkd.readers import READERS
 from dfkd.synthesis.methods import METHODS
+from pipeline.flow import overridden, preset_overrides
 from stages.params import PARAMS_FILE, Params, ParamsError, SynthesizeParams, load_params, validate_params
 
 
@@ -142,3 +145,26 @@ def test_declared_overlaps_are_accepted():
     raw = teachers(low=[0, 1, 2, 3, 4, 5], high=[5, 6, 7, 8, 9])
     raw["amalgamate"]["shared_classes"] = [5]
     assert validate_params(raw).amalgamate.shared_classes == [5]
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (PROJECT / "presets").glob("*.yaml")))
+def test_every_preset_is_valid_params(preset):
+    overrides = preset_overrides(preset)
+    assert overrides, "a preset sets something"
+    validate_params(YAML(typ="safe").load(overridden(overrides)))
+
+
+def test_an_unknown_preset_lists_those_that_exist():
+    with pytest.raises(ParamsError, match=r"--preset cifar: no such preset \(the presets: dafl_cifar10, dafl_cifar100, fashion_mnist\)"):
+        preset_overrides("cifar")
+
+
+def test_the_data_sources_are_the_readers():
+    assert set(get_args(Params.model_fields["prepare"].annotation.model_fields["source"].annotation)) == set(READERS)
+
+
+def test_an_unknown_architecture_or_option_is_named_with_what_the_zoo_has():
+    with pytest.raises(ParamsError, match=r"teacher: Value error, unknown architecture 'resnet50' \(the zoo has: lenet5, "):
+        validate_params({"teacher": {"architecture": "resnet50"}})
+    with pytest.raises(ParamsError, match=r"distill.student: Value error, lenet5_half has no option width \(its options: none\)"):
+        validate_params({"distill": {"student": {"architecture": "lenet5_half", "options": {"width": 0.5}}}})

@@ -8,14 +8,17 @@ import torch
 import yaml
 
 from conftest import PROJECT as PROJECT_ROOT, copy_project, run
-from dfkd.checkpoint import save_checkpoint, save_classifier
-from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.checkpoint import save_checkpoint
+from dfkd.classifier import build_classifier, save_classifier
+from dfkd.inputs import InputSpec
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return copy_project(tmp_path_factory.mktemp("errors"), {})
 
+
+MNIST = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"), resize="pad")
 
 def set_params(project, update):
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -66,7 +69,7 @@ def test_missing_split_and_corrupted_checkpoint_are_named(project):
 
 def write_classifiers(project, *names):
     for name in names:
-        save_classifier(project / "models" / name, LeNet5(ArchitectureConfig()))
+        save_classifier(project / "models" / name, build_classifier("lenet5", {}, MNIST))
 
 
 def test_a_corrupt_onnx_file_is_named_by_evaluate(project):
@@ -80,7 +83,8 @@ def test_a_corrupt_onnx_file_is_named_by_evaluate(project):
 def test_a_transfer_set_of_the_wrong_shape_is_named_by_distill(project):
     write_classifiers(project, "teacher.pt")
     impressions = {name: torch.zeros(4, 10) for name in ("targets", "classes", "scales", "similarity")}
-    payload = {"kind": "transfer_set", "method": "zskd", **impressions, "images": [[0.0] * 4], "metadata": {}}
+    payload = {"kind": "transfer_set", "method": "zskd", "input": MNIST.model_dump(), **impressions, "images": [[0.0] * 4],
+               "metadata": {}}
     save_checkpoint(project / "models/transfer_set.pt", payload)
     result = run([sys.executable, "-m", "stages.distill", "--source", "synthetic"], project, check=False,
                  MLFLOW_TRACKING_URI="sqlite:///unused.db")
@@ -99,12 +103,14 @@ def test_the_gate_with_nothing_registered_says_so_with_exit_code_2(project, tmp_
 
 WRITE_LIMITED = """
 import resource, signal, sys
-from dfkd.checkpoint import OutputError, save_classifier
-from dfkd.models import ArchitectureConfig, LeNet5
+from dfkd.checkpoint import OutputError
+from dfkd.classifier import build_classifier, save_classifier
+from dfkd.inputs import InputSpec
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 try:
-    save_classifier(sys.argv[1], LeNet5(ArchitectureConfig()))
+    spec = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"))
+    save_classifier(sys.argv[1], build_classifier("lenet5", {}, spec))
 except OutputError as error:
     print(error)
 """

@@ -9,6 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, run
+from dfkd.classifier import load_classifier
 from dfkd.synthesis.methods import load_transfer_set
 from dfkd.synthesis.zskd import ImpressionTransferSet
 
@@ -36,7 +37,8 @@ def test_only_synthesis_and_what_follows_it_rerun(switched):
 
 def test_the_transfer_set_is_the_impressions_with_their_figures(switched):
     root, _, _ = switched
-    impressions = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"))
+    teacher_spec = load_classifier(root / "models/teacher.pt").spec
+    impressions = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), teacher_spec)
     assert isinstance(impressions, ImpressionTransferSet)
     assert impressions.images.shape == (40, 1, 32, 32) and impressions.targets.shape == (40, 10)
     for figure in ("method/class_similarity.png", "method/impressions.png", "samples.png", "losses.png"):

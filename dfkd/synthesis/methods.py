@@ -35,8 +35,12 @@ def save_transfer_set(
 def load_transfer_set(path: str | os.PathLike, device: torch.device, spec: InputSpec) -> TransferSet:
     """The transfer set at `path`, which must have been made for a teacher of input `spec`."""
     payload = load_checkpoint(path, "transfer_set")
-    if InputSpec(**payload.get("input", {})) != spec:
-        raise CheckpointError(f"{path}: made for a teacher of another input ({payload.get('input')}); rerun synthesize")
+    try:
+        made_for = InputSpec.model_validate(payload.get("input"))
+    except ValueError:
+        raise CheckpointError(f"{path}: a transfer set without a valid input description; rerun synthesize") from None
+    if made_for != spec:
+        raise CheckpointError(f"{path}: made for a teacher of another input ({made_for}); rerun synthesize")
     method = payload.get("method")
     if method not in METHODS:
         raise CheckpointError(f"{path}: transfer set of unknown method '{method}' (known: {', '.join(METHODS)})")

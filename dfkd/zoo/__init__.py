@@ -14,7 +14,7 @@ the classifier's input), and `block_layers`, the outputs a TargetNet reproduces 
 import inspect
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from dfkd.zoo import lenet, mobilenet, resnet, wrn
@@ -44,6 +44,11 @@ class ModelConfig(BaseModel):
     architecture: str = Field(min_length=1)
     options: dict[str, int | float | bool | str] = {}
 
+    @model_validator(mode="after")
+    def check_known(self):
+        check_model_config(self)  # a ZooError is a ValueError: pydantic reports it under the config's key
+        return self
+
 
 def architecture_options(name: str) -> dict[str, object]:
     """The options of architecture `name` with their defaults."""
@@ -63,7 +68,6 @@ def check_model_config(config: ModelConfig) -> None:
 
 
 def build_model(config: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    check_model_config(config)
     return ARCHITECTURES[config.architecture](
         channels=channels, image_size=image_size, num_classes=num_classes, **config.options
     )
