@@ -45,6 +45,8 @@ COPY pipeline/ pipeline/
 COPY serving/ serving/
 COPY amalgamation/ amalgamation/
 COPY data/user/ data/user/
+COPY teachers/ teachers/
+COPY presets/ presets/
 RUN git init --quiet \
     && git add --all \
     && git -c user.name=image -c user.email=image@localhost commit --quiet --message "pipeline image"

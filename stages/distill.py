@@ -44,15 +44,16 @@ def main() -> None:
     device = setup(params)
     teacher = load_classifier(MODELS / "teacher.pt")
     spec = teacher.spec
-    # The student takes the teacher's input: the transfer set is in the teacher's input space.
-    student = build_classifier(settings.student.architecture, settings.student.options, spec)
-    check_classifier(student, f"distill.student {settings.student.architecture}")
     if source == "synthetic":
         transfer_set = load_transfer_set(MODELS / "transfer_set.pt", device, spec)
     elif source == "noise":
         transfer_set = GaussianNoise(spec.shape)
     else:
         transfer_set = FixedImages(load_model_input("train", spec)[0])
+    # The student takes the teacher's input (the transfer set is in the teacher's input space); built
+    # after the transfer set is loaded, which draws a generator's initial weights from the same RNG.
+    student = build_classifier(settings.student.architecture, settings.student.options, spec)
+    check_classifier(student, f"distill.student {settings.student.architecture}")
 
     logged = {
         "seed": params.seed, "device": str(device), "source": source, "recipe": method,
