@@ -1,8 +1,6 @@
 """The split format, the input description (InputSpec) and the preprocessing of pixels into a model's
 input. The dataset readers (IDX, CIFAR, image folders, the embedded MNIST) are in test_readers.py."""
 
-import struct
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from dfkd.checkpoint import atomic_path
 from dfkd.data import DataError, Split, channel_statistics, load_split, save_split, stratified_split, to_model_input
 from dfkd.inputs import InputSpec
 from dfkd.readers import idx
+from test_readers import write_idx
 
 MNIST = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"), resize="pad")
 MEAN, STD = MNIST.mean[0], MNIST.std[0]
@@ -23,11 +22,6 @@ def rgb_spec(size: int = 32, resize: str = "bilinear") -> InputSpec:
 
 
 # --- the IDX checks test_readers.py does not make --------------------------------------------
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    """Two zero bytes, type code 0x08 (uint8), the number of dimensions, big-endian uint32 sizes."""
-    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
 
 
 def test_idx_errors_name_an_unknown_type_a_missing_folder_or_file_and_labels_out_of_range(tmp_path):

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_PARAMS, copy_project, run
 from pipeline.flow import REUSED_TAG, apply_overrides
-from test_data import write_idx, write_mnist_dir
+from test_readers import write_idx, write_idx_folder
 
 DVC = str(BIN / "dvc")
 
@@ -23,12 +23,12 @@ def sha256(path) -> str:
 def test_relabelled_data_outside_the_repository_reruns_prepare(tmp_path):
     data = tmp_path / "my-mnist"  # a user's IDX download, outside the repository
     data.mkdir()
-    write_mnist_dir(data, np.random.default_rng(0), n_train=60, n_test=20)
+    write_idx_folder(data, np.random.default_rng(0))  # 12 training images, 5 test ones
     root = copy_project(tmp_path / "project", {"prepare": {"source": "idx", "data_dir": str(data)}})
     run([DVC, "repro", "prepare"], root)
     assert "up to date" in run([DVC, "status", "prepare"], root).stdout
 
-    write_idx(data / "train-labels-idx1-ubyte", (np.arange(60, dtype=np.uint8) + 1) % 10)
+    write_idx(data / "train-labels-idx1-ubyte", (np.arange(12, dtype=np.uint8) + 1) % 10)
     status = run([DVC, "status", "prepare"], root).stdout
     assert "changed deps" in status and str(data) in status
 
