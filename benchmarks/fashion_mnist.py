@@ -206,10 +206,10 @@ def main() -> None:
         f"{date.today().isoformat()} on {machine()}. The IDX files of `dataset-fashion-mnist` (the training",
         "files split into train and validation), accuracies on the real "
         f"{test_size:,}-image test split, over seeds {seeds}.",
-        f"For each seed and teacher, a fresh copy of the project: prepare and train_teacher ({args.teacher_epochs}",
-        "epochs) once, then for each method synthesize, distill, baseline_noise, baseline_real, export and",
-        "evaluate through DVC (`dvc repro --single-item`, one process per stage), the baselines distilled with",
-        "the method's own recipe; otherwise the default `params.yaml`"
+        "For each seed and teacher, a fresh copy of the project: prepare and train_teacher",
+        f"(`train_teacher.epochs={args.teacher_epochs}`) once, then for each method synthesize, distill,",
+        "baseline_noise, baseline_real, export and evaluate through DVC (`dvc repro --single-item`, one process",
+        "per stage), the baselines distilled with the method's own recipe; otherwise the default `params.yaml`"
         + (f", with {overrides}." if overrides else "."),
         "Figures are mean ± sample standard deviation over the seeds; synthesis and distillation are the wall",
         "seconds of the synthesize and distill stage processes, MLflow logging included.",
