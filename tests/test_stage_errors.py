@@ -59,7 +59,7 @@ def test_missing_idx_directory_is_named(project):
 
 def test_missing_split_and_corrupted_checkpoint_are_named(project):
     result, _ = run_stage(project, "train_teacher")
-    assert result.returncode == 2 and "train.npz: split file does not exist" in result.stderr
+    assert result.returncode == 2 and "dataset.json: does not exist (run the prepare stage first)" in result.stderr
     (project / "models").mkdir(exist_ok=True)
     (project / "models/teacher.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     result, _ = run_stage(project, "synthesize")
