@@ -36,6 +36,7 @@ from dfkd.distill import draw_pool
 from dfkd.inputs import InputSpec
 from dfkd.losses import information_entropy_loss, kd_loss
 from dfkd.models import LabelUnion, TargetNet
+from dfkd.runtime import autocast, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
 from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
@@ -100,7 +101,7 @@ def synthesize(
     resume: ResumeState | None = None,
 ) -> GeneratorTransferSet:
     """Train one DAFL generator against all `teachers` (frozen, eval mode; teacher i predicts `groups[i]`)."""
-    teachers = [teacher.to(device) for teacher in teachers]
+    teachers = [on_device(teacher, device) for teacher in teachers]
     union = LabelUnion(groups).to(device)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -131,7 +132,7 @@ def synthesize_conflicts(
     random per image: optimised from noise (frozen teachers, eval mode), a batch at a time; a killed
     run resumes after its last finished batch. Which teacher is right is left to the teachers'
     outputs on them, as on any transfer image."""
-    teachers = [teacher.to(device) for teacher in teachers]
+    teachers = [on_device(teacher, device) for teacher in teachers]
     spec = teachers[0].spec
     # Drawn before any resume: the same seed gives the same classes, so a resumed run keeps them.
     wanted = [torch.randint(teacher.spec.num_classes, (config.images,)).to(device) for teacher in teachers]
@@ -295,8 +296,8 @@ def amalgamate(
     if config.start_from_teachers:
         copy_teacher_weights(student, teachers)
     adapters = feature_adapters(student, teachers).to(device)
-    teachers = [teacher.to(device) for teacher in teachers]
-    student = student.to(device)
+    teachers = [on_device(teacher, device) for teacher in teachers]
+    student = on_device(student, device)
     union = student.union
     if config.pool_size:
         transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
@@ -323,9 +324,11 @@ def amalgamate(
             parameter.requires_grad_(id(parameter) in trainable)  # the stack below a block stays fixed
         optimizer = torch.optim.Adam(trained, lr=config.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        scaler = grad_scaler(device)
         if saved.get("phase") == phase:
             optimizer.load_state_dict(saved["optimizer"])
             schedule.load_state_dict(saved["schedule"])
+            scaler.load_state_dict(saved["scaler"])
         elif phase.startswith("block"):
             with torch.no_grad():
                 images = random_affine(transfer_set.sample(ADAPTER_FIT_IMAGES).to(device), config.augment_shift)
@@ -336,17 +339,24 @@ def amalgamate(
         student.train()
         for step in range(max(saved["step"], phase_start) + 1, phase_end + 1):
             images = random_affine(transfer_set.sample(config.batch_size).to(device), config.augment_shift)
-            with torch.no_grad():
-                teacher_logits, teacher_blocks = zip(*(teacher.forward_blocks(images, GROUP_STACK) for teacher in teachers))
-                teacher_union_logits = union(offset_logits(list(teacher_logits), offsets))
-            student_blocks, head_logits, union_logits = student.forward_all(images)
-            if phase.startswith("block"):
-                loss = feature_loss(student_blocks[depth], adapters[depth], [blocks[depth] for blocks in teacher_blocks])
-            else:
-                loss = output_loss(head_logits, union_logits, list(teacher_logits), teacher_union_logits, config.temperature)
+            with autocast(device):
+                with torch.no_grad():
+                    teacher_logits, teacher_blocks = zip(
+                        *(teacher.forward_blocks(images, GROUP_STACK) for teacher in teachers)
+                    )
+                    teacher_union_logits = union(offset_logits(list(teacher_logits), offsets))
+                student_blocks, head_logits, union_logits = student.forward_all(images)
+                if phase.startswith("block"):
+                    teacher_features = [blocks[depth] for blocks in teacher_blocks]
+                    loss = feature_loss(student_blocks[depth], adapters[depth], teacher_features)
+                else:
+                    loss = output_loss(
+                        head_logits, union_logits, list(teacher_logits), teacher_union_logits, config.temperature
+                    )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             progress.update()
 
@@ -356,7 +366,7 @@ def amalgamate(
                                "phase": float(index)})
             if resume:
                 resume.maybe_save(step, extra={"phase": phase}, student=student, adapters=adapters,
-                                  optimizer=optimizer, schedule=schedule)
+                                  optimizer=optimizer, schedule=schedule, scaler=scaler)
         phase_start = phase_end
     progress.close()
     return student.requires_grad_(True).eval()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import kd_loss
+from dfkd.runtime import autocast, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
 
 
@@ -69,15 +70,15 @@ def distill(
     The student of the last step is the result: picking a checkpoint would need held-out real data,
     which a data-free pipeline does not have.
     """
-    teacher = teacher.to(device).eval()
-    student = student.to(device)
+    teacher = on_device(teacher, device).eval()
+    student = on_device(student, device)
     if config.pool_size:
         transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    start = 0
-    if resume:
-        start = resume.restore(config.steps, student=student, optimizer=optimizer, schedule=schedule)["step"]
+    scaler = grad_scaler(device)
+    trained = {"student": student, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    start = resume.restore(config.steps, **trained)["step"] if resume else 0
 
     student.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
@@ -85,18 +86,20 @@ def distill(
             transfer_set.sample(config.batch_size).to(device),
             config.augment_shift, config.augment_rotation, config.augment_scale,
         )
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student_logits = student(images)
-        loss = kd_loss(student_logits, teacher_logits, config.temperature)
+        with autocast(device):
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            student_logits = student(images)
+            loss = kd_loss(student_logits, teacher_logits, config.temperature)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
 
         if on_step:
             agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
             on_step(step, {"kd_loss": loss.item(), "teacher_agreement": agreement.item()})
         if resume:
-            resume.maybe_save(step, student=student, optimizer=optimizer, schedule=schedule)
+            resume.maybe_save(step, **trained)
     return student.eval()

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
+from dfkd.runtime import autocast, grad_scaler, on_device
 
 
 class TeacherTrainConfig(BaseModel):
@@ -25,7 +26,8 @@ class TeacherTrainConfig(BaseModel):
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    """Logits for `images`, in batches, on `device`; returned on the CPU."""
+    """Logits for `images`, in batches, on `device`, in full precision (these are what accuracies are
+    measured on); returned on the CPU."""
     model = model.to(device).eval()
     return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
@@ -47,13 +49,17 @@ def train_classifier(
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train with cross-entropy; return the weights of the epoch with the best validation accuracy
     and that epoch's metrics."""
-    model = model.to(device)
+    model = on_device(model, device)
+    # The whole split on the device, so that batches are gathered and augmented there.
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(device)
     steps_per_epoch = -(-len(train_images) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    saved = resume.restore(config.epochs, model=model, optimizer=optimizer, schedule=schedule) if resume else {"step": 0}
+    trained = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    saved = resume.restore(config.epochs, **trained) if resume else {"step": 0}
     start = saved["step"]
     best = saved.get("best", {"val_accuracy": -1.0})
     best_state = saved.get("best_state", copy.deepcopy(model.state_dict()))
@@ -64,12 +70,14 @@ def train_classifier(
         order = torch.randperm(len(train_images))
         total_loss = 0.0
         for i in range(0, len(order), config.batch_size):
-            batch = order[i : i + config.batch_size]
-            images = random_affine(train_images[batch], config.max_shift).to(device)
-            loss = F.cross_entropy(model(images), train_labels[batch].to(device))
+            batch = order[i : i + config.batch_size].to(device)
+            images = random_affine(train_images[batch], config.max_shift)
+            with autocast(device):
+                loss = F.cross_entropy(model(images), train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             total_loss += loss.item() * len(batch)
             progress.update()
@@ -85,9 +93,7 @@ def train_classifier(
         if on_epoch:
             on_epoch(epoch, metrics)
         if resume:
-            resume.maybe_save(
-                epoch, extra={"best": best, "best_state": best_state}, model=model, optimizer=optimizer, schedule=schedule
-            )
+            resume.maybe_save(epoch, extra={"best": best, "best_state": best_state}, **trained)
     progress.close()
     model.load_state_dict(best_state)
     return model.eval(), best

@@ -17,6 +17,7 @@ from dfkd.checkpoint import ResumeState
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
+from dfkd.runtime import autocast, grad_scaler, on_device
 from dfkd.teacher import Teacher
 
 
@@ -110,24 +111,29 @@ def train_generator(
     """Train a generator of `image_shape` images (channels, size, size) to minimise
     `generator_loss(images)`, which returns the total and its terms (for the curves)."""
     channels, image_size, _ = image_shape
-    generator = Generator(
-        latent_dim=config.latent_dim, image_size=image_size, channels=channels, width=config.generator_width
-    ).to(device)
+    generator = on_device(
+        Generator(latent_dim=config.latent_dim, image_size=image_size, channels=channels, width=config.generator_width),
+        device,
+    )
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr)
-    start = resume.restore(config.steps, generator=generator, optimizer=optimizer)["step"] if resume else 0
+    scaler = grad_scaler(device)
+    trained = {"generator": generator, "optimizer": optimizer, "scaler": scaler}
+    start = resume.restore(config.steps, **trained)["step"] if resume else 0
 
     generator.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="generator"):
         latent = torch.randn(config.batch_size, config.latent_dim, device=device)
-        total, losses = generator_loss(generator(latent))
+        with autocast(device):
+            total, losses = generator_loss(generator(latent))
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
         if on_step:
             on_step(step, {"loss": total.item(), **{name: value.item() for name, value in losses.items()}})
         if resume:
-            resume.maybe_save(step, generator=generator, optimizer=optimizer)
+            resume.maybe_save(step, **trained)
     return GeneratorTransferSet(generator, device)
 
 
@@ -139,7 +145,7 @@ def synthesize(
     resume: ResumeState | None = None,
 ) -> GeneratorTransferSet:
     """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
-    teacher = teacher.to(device)
+    teacher = on_device(teacher, device)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _, losses = dafl_losses(teacher, images)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dfkd.checkpoint import ResumeState
 from dfkd.inputs import InputSpec
 from dfkd.plots import save_class_grid, save_matrix
+from dfkd.runtime import autocast, grad_scaler
 from dfkd.synthesis import FixedImages
 from dfkd.teacher import Teacher
 
@@ -155,11 +156,14 @@ def optimise_images(
         rows = slice(start, min(start + batch_size, count))
         pixels = start_pixels(rows.stop - rows.start).requires_grad_()
         optimizer = torch.optim.Adam([pixels], lr=lr)
+        scaler = grad_scaler(pixels.device)  # a batch's steps are never cut by a resume
         for _ in range(steps):
-            loss, logged = batch_loss(pixels, rows)
+            with autocast(pixels.device):
+                loss, logged = batch_loss(pixels, rows)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():
                 pixels.clamp_(0, 1)  # the images stay valid images
             step += 1
