@@ -3,19 +3,23 @@
 For each seed and teacher, in a fresh copy of the project (made as benchmarks/pipeline.py makes it):
 prepare the IDX files of the Debian package `dataset-fashion-mnist` and train the teacher once; then,
 for each synthesis method, run synthesize, distill, both baselines (with that method's distillation
-recipe), export and evaluate through DVC. The teachers and their students:
+recipe), export and evaluate through DVC. The teachers and their student:
 
-    lenet5 -> lenet5_half             resnet8 (batch norm) -> resnet8 {width: 0.5}
+    lenet5 -> lenet5_half             resnet8 {width: 0.5} (batch norm) -> lenet5_half
 
 Prints, per teacher, one row per method (mean ± sample standard deviation over the seeds) and
-writes it to BENCHMARKS.md with a bar chart, BENCHMARKS-fashion_mnist.png.
+writes it to BENCHMARKS.md with a bar chart, BENCHMARKS-fashion_mnist.png. A seed of both teachers
+takes about 45 minutes on 2 cores: `--results` keeps every seed measured so far, so that seeds can
+be run one call at a time, and the tables cover all of them.
 
-    python benchmarks/fashion_mnist.py                       # seeds 0 1 2, both teachers, both methods
+    python benchmarks/fashion_mnist.py --results benchmarks/results/fashion_mnist.json --seeds 0
+    python benchmarks/fashion_mnist.py --results benchmarks/results/fashion_mnist.json --seeds   # tables only
     python benchmarks/fashion_mnist.py --seeds 0 --teachers resnet8 --methods zskd --teacher-epochs 1 \\
         --no-write -S distill.zskd.steps=20 -S synthesize.zskd.impressions=100   # a smoke test
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -46,10 +50,12 @@ TEACHERS = {
         "teacher.options": {},
         "distill.student": {"architecture": "lenet5_half", "options": {}},
     },
+    # Half width: a teacher forward pass costs 7 times less than at full width, which is what lets
+    # the three students of each method (distill, both baselines) run on a CPU.
     "resnet8": {
         "teacher.architecture": "resnet8",
-        "teacher.options": {},
-        "distill.student": {"architecture": "resnet8", "options": {"width": 0.5}},
+        "teacher.options": {"width": 0.5},
+        "distill.student": {"architecture": "lenet5_half", "options": {}},
     },
 }
 MIN_ABOVE_FLOOR = 0.10  # issue 16's bar: every data-free student at least 10 pt above its noise floor
@@ -69,6 +75,21 @@ def settings_of(teacher: str, data: Path, teacher_epochs: int, extra: dict) -> d
         **TEACHERS[teacher],
         **extra,
     }
+
+
+def load_recorded(path: Path | None, settings: dict, methods: list[str]) -> dict:
+    """The results measured so far with these very settings, by teacher and seed; none without a file."""
+    if path is None or not path.exists():
+        return {"settings": settings, "methods": methods, "results": {}}
+    recorded = json.loads(path.read_text())
+    for teacher, teacher_settings in settings.items():
+        if recorded["settings"].get(teacher, teacher_settings) != teacher_settings:
+            fail(f"{path} holds {teacher} results measured with other settings ({recorded['settings'][teacher]}): "
+                 "pass another --results file to compare these")
+    if recorded["methods"] != methods:
+        fail(f"{path} holds results of the methods {recorded['methods']}, not {methods}: pass those --methods")
+    recorded["settings"].update(settings)
+    return recorded
 
 
 def run_teacher(seed: int, teacher: str, methods: list[str], settings: dict) -> dict:
@@ -97,17 +118,25 @@ def run_teacher(seed: int, teacher: str, methods: list[str], settings: dict) -> 
     return {"seed": seed, "teacher_seconds": teacher_seconds, "runs": runs}
 
 
+def described(architecture: str, options: dict) -> str:
+    """An architecture with its options, if it has any: `resnet8 {width: 0.5}`."""
+    listed = ", ".join(f"{name}: {value}" for name, value in options.items())
+    return f"{architecture} {{{listed}}}" if listed else architecture
+
+
+def teacher_of(teacher: str) -> str:
+    return described(TEACHERS[teacher]["teacher.architecture"], TEACHERS[teacher]["teacher.options"])
+
+
 def student_of(teacher: str) -> str:
-    """The student's architecture, with its options if it has any: `resnet8 {width: 0.5}`."""
     student = TEACHERS[teacher]["distill.student"]
-    options = ", ".join(f"{name}: {value}" for name, value in student["options"].items())
-    return f"{student['architecture']} {{{options}}}" if options else student["architecture"]
+    return described(student["architecture"], student["options"])
 
 
 def teacher_table(teacher: str, results: list[dict], methods: list[str]) -> str:
     """One row per method, each figure over the seeds; then the teacher's training time."""
     lines = [
-        f"### Teacher `{teacher}` -> student `{student_of(teacher)}`",
+        f"### Teacher `{teacher_of(teacher)}` -> student `{student_of(teacher)}`",
         "",
         "| method | student | gap to teacher | above floor | floor (noise) | ceiling (real) | teacher "
         "| synthesis | distillation | " + " | ".join(f"seed {result['seed']} student" for result in results) + " |",
@@ -162,7 +191,7 @@ def save_plot(results: dict[str, list[dict]], methods: list[str]) -> None:
         axis.set_xticks(range(len(methods)), [NAMES[method] for method in methods])
         axis.set_ylim(0, 100)
         axis.set_ylabel("test accuracy (%)")
-        axis.set_title(f"{teacher} -> {student_of(teacher)}")
+        axis.set_title(f"{teacher_of(teacher)} -> {student_of(teacher)}")
     axes[0][0].legend(loc="lower right", fontsize="small")
     figure.suptitle(f"Full Fashion-MNIST, mean over {len(next(iter(results.values())))} seed(s), ± sample std", y=1.02)
     figure.savefig(PLOT, dpi=100, bbox_inches="tight")
@@ -172,12 +201,15 @@ def save_plot(results: dict[str, list[dict]], methods: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help=f"the Fashion-MNIST IDX files (default {DATA})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="seeds to run (default 0 1 2); none, with --results, writes the tables of what it holds")
     parser.add_argument("--teachers", nargs="+", choices=TEACHERS, default=list(TEACHERS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--teacher-epochs", type=int, default=10, help="train_teacher.epochs (default 10)")
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param of every run, as `dvc exp run -S` does (repeatable)")
+    parser.add_argument("--results", type=Path,
+                        help="JSON file keeping every seed and teacher measured so far; the tables cover all of them")
     parser.add_argument("--no-write", action="store_true", help="print the tables only: no BENCHMARKS.md, no plot")
     args = parser.parse_args()
     data = args.data.resolve()
@@ -192,18 +224,31 @@ def main() -> None:
     except ParamsError as error:
         fail(str(error))
 
-    results = {teacher: [] for teacher in args.teachers}
+    recorded = load_recorded(args.results, settings, args.methods)
+    if not args.seeds and not recorded["results"]:
+        fail("no seeds to run and no results recorded: pass --seeds, or --results with a file of measured seeds")
     for seed in args.seeds:
         for teacher in args.teachers:
-            results[teacher].append(run_teacher(seed, teacher, args.methods, settings[teacher]))
+            result = run_teacher(seed, teacher, args.methods, settings[teacher])
+            recorded["results"].setdefault(teacher, {})[str(seed)] = {
+                **result, "date": date.today().isoformat(), "machine": machine()
+            }
+            if args.results:  # after every teacher: an interrupted benchmark keeps what it measured
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                args.results.write_text(json.dumps(recorded, indent=1))
+    results = {
+        teacher: sorted(recorded["results"][teacher].values(), key=lambda result: result["seed"])
+        for teacher in TEACHERS if teacher in recorded["results"]
+    }
 
     test_size = next(iter(results.values()))[0]["runs"][args.methods[0]]["test_size"]
-    seeds = ", ".join(str(seed) for seed in args.seeds)
+    seeds = ", ".join(str(seed) for seed in sorted({result["seed"] for rs in results.values() for result in rs}))
+    runs_on = "; ".join(sorted({f"{result['date']} on {result['machine']}" for rs in results.values() for result in rs}))
     overrides = ", ".join(f"`{pair}`" for pair in args.set_param)
     body = "\n".join([
         "## Full Fashion-MNIST (`benchmarks/fashion_mnist.py`)",
         "",
-        f"{date.today().isoformat()} on {machine()}. The IDX files of `dataset-fashion-mnist` (the training",
+        f"{runs_on}. The IDX files of `dataset-fashion-mnist` (the training",
         "files split into train and validation), accuracies on the real "
         f"{test_size:,}-image test split, over seeds {seeds}.",
         "For each seed and teacher, a fresh copy of the project: prepare and train_teacher",
@@ -214,7 +259,7 @@ def main() -> None:
         "Figures are mean ± sample standard deviation over the seeds; synthesis and distillation are the wall",
         "seconds of the synthesize and distill stage processes, MLflow logging included.",
         "",
-        "\n\n".join(teacher_table(teacher, results[teacher], args.methods) for teacher in args.teachers),
+        "\n\n".join(teacher_table(teacher, teacher_results, args.methods) for teacher, teacher_results in results.items()),
         "",
         bar_verdict(results, args.methods),
     ])
