@@ -1,11 +1,12 @@
 """How the methods reach into a teacher: forward hooks on named layers, so any classifier works.
 
 DAFL reads the features before the classifier, ZSKD the final linear layer's class weight vectors,
-group-stack amalgamation the output of each block. None of them calls an attribute of a particular
-network: the layers are found by name in `named_modules()` (a zoo model may name them with
-`feature_layer` and `block_layers`, dfkd/zoo/), or by what they are (the classifier is the last
-linear layer with one output per class; in a `torch.export` program, the last submodule that applies
-`aten.linear` with such a weight).
+DeepInversion what each batch-norm layer receives, group-stack amalgamation the output of each block.
+None of them calls an attribute of a particular network: the layers are found by name in
+`named_modules()` (a zoo model may name them with `feature_layer` and `block_layers`, dfkd/zoo/), or
+by what they are (the classifier is the last linear layer with one output per class, in a
+`torch.export` program the last submodule that applies `aten.linear` with such a weight; a batch-norm
+layer is one that holds running statistics, in a program too).
 """
 
 from contextlib import contextmanager
@@ -25,6 +26,12 @@ def is_linear(module: nn.Module) -> bool:
         return True
     graph = getattr(module, "graph", None)  # a submodule of an unflattened torch.export program
     return graph is not None and any(node.target is torch.ops.aten.linear.default for node in graph.nodes)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Normalises by running statistics: nn.BatchNorm*, or the same layer in an unflattened program."""
+    buffers = dict(module.named_buffers(recurse=False))
+    return "running_mean" in buffers and "running_var" in buffers
 
 
 class Teacher:
@@ -61,6 +68,16 @@ class Teacher:
     def class_weights(self, needed_by: str) -> torch.Tensor:
         """(classes x features) weight of the final linear layer: one vector per class."""
         return self.layers[self.classifier_name(needed_by)].weight.detach()
+
+    def batch_norm_layers(self, needed_by: str) -> list[str]:
+        """The names of the layers that normalise by running statistics, in forward order."""
+        names = [name for name, module in self.layers.items() if name and is_batch_norm(module)]
+        if not names:
+            raise TeacherError(
+                f"{needed_by} needs a teacher with batch-norm layers (running mean and variance to match); "
+                f"this one has none: use a teacher with batch norm (e.g. resnet8 of the zoo), or dafl or zskd"
+            )
+        return names
 
     @contextmanager
     def capture(self, names: list[str], inputs: bool = False):

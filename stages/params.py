@@ -15,9 +15,10 @@ from dfkd.amalgamation import ConflictConfig, GeneratorConfig, StudentConfig
 from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.dafl import DAFLConfig
+from dfkd.synthesis.deepinversion import DeepInversionConfig
 from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
-from dfkd.zoo import ModelConfig
+from dfkd.zoo import ARCHITECTURES, ModelConfig, has_batch_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
@@ -71,14 +72,15 @@ class TeacherParams(Strict):
         return self
 
 
-# The options of each synthesis method; both sections may be present, only `method`'s is used.
-METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig}
+# The options of each synthesis method; every section may be present, only `method`'s is used.
+METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig, "deepinversion": DeepInversionConfig}
 
 
 class SynthesizeParams(Strict):
-    method: Literal["dafl", "zskd"] = "dafl"
+    method: Literal["dafl", "zskd", "deepinversion"] = "dafl"  # METHOD_OPTIONS' names
     dafl: DAFLConfig = DAFLConfig()
     zskd: ZSKDConfig = ZSKDConfig()
+    deepinversion: DeepInversionConfig = DeepInversionConfig()
 
 
 class DistillParams(DistillSchedule):
@@ -95,6 +97,9 @@ class DistillParams(DistillSchedule):
     # at T=1 without augmentation, ZSKD's paper at T=20.
     dafl: TransferRecipe = TransferRecipe(steps=3000, temperature=4.0, augment_shift=2.0, pool_size=98304)
     zskd: TransferRecipe = TransferRecipe(
+        steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
+    )
+    deepinversion: TransferRecipe = TransferRecipe(
         steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
     )
 
@@ -205,6 +210,19 @@ class Params(Strict):
     amalgamate: AmalgamateParams = AmalgamateParams()
 
     @model_validator(mode="after")
+    def check_batch_norm_teacher(self):
+        # Known from the zoo before the teacher is trained; a checkpoint's is checked when it is read.
+        if self.synthesize.method == "deepinversion" and self.teacher.source == "train":
+            teacher = ModelConfig(architecture=self.teacher.architecture, options=self.teacher.options)
+            if not has_batch_norm(teacher):
+                raise ValueError(
+                    f"synthesize.method deepinversion matches the teacher's batch-norm statistics, and "
+                    f"teacher.architecture {self.teacher.architecture} has no batch norm (with batch norm: "
+                    f"{', '.join(name for name in ARCHITECTURES if has_batch_norm(ModelConfig(architecture=name)))})"
+                )
+        return self
+
+    @model_validator(mode="after")
     def check_aliases(self):
         if self.promote.alias == self.mlflow.alias:
             raise ValueError(f"promote.alias must differ from mlflow.alias ('{self.mlflow.alias}', set on every export)")
@@ -225,7 +243,8 @@ def _unknown_key(loc: tuple) -> str:
             wrong = f", not a {section[1]} one" if len(section) == 2 else ""
             return f"unknown key: '{key}' is a {'/'.join(owners)} option{wrong} (set {where})"
     if section == ["distill"] and key in TransferRecipe.model_fields:
-        where = " and ".join(f"distill.{name}.{key}" for name in METHOD_OPTIONS)
+        *others, last = (f"distill.{name}.{key}" for name in METHOD_OPTIONS)
+        where = f"{', '.join(others)} and {last}"
         return f"unknown key: '{key}' is set per synthesis method ({where})"
     if len(section) == 2 and section[0] == "distill" and key in DistillSchedule.model_fields:
         return f"unknown key: '{key}' is shared by every synthesis method (set distill.{key})"

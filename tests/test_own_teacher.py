@@ -1,8 +1,9 @@
 """A teacher the user brings, on RGB data of their own, through the real `dvc repro`, to a served student.
 
 Each form of teacher (a state dict of a zoo architecture; a `torch.export` file of a network defined
-only here) is distilled with DAFL and then with ZSKD from an RGB image folder written here, into a
-ResNet-8 student exported to ONNX, which the real server answers an RGB PNG upload with.
+only here, both with batch norm) is distilled with DAFL, then ZSKD, then DeepInversion from an RGB
+image folder written here, into a ResNet-8 student exported to ONNX, which the real server answers an
+RGB PNG upload with.
 """
 
 import io
@@ -22,6 +23,8 @@ from torch import nn
 
 from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run
 from dfkd.inputs import InputSpec
+from dfkd.synthesis.deepinversion import InversionTransferSet
+from dfkd.synthesis.methods import load_transfer_set
 from dfkd.zoo import ModelConfig, build_model
 
 CLASSES = ("red", "green", "blue")
@@ -98,14 +101,14 @@ def serve_and_predict(root, image: bytes) -> dict:
 
 
 @pytest.mark.parametrize("form", ["state_dict", "torch_export"])
-def test_an_own_teacher_on_rgb_data_is_distilled_with_dafl_and_zskd_and_served(tmp_path, form):
+def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp_path, form):
     data = tmp_path / "images"
     write_image_folder(data)
     params = merge(json.loads(json.dumps(TINY_PARAMS)), {
         "prepare": {"source": "image_folder", "data_dir": str(data)},
         "teacher": {"source": "checkpoint", "image_size": SIDE, "input": SPEC.model_dump(mode="json")},
         "distill": {"student": {"architecture": "resnet8", "options": {"width": 0.25}}},
-        "synthesize": {"zskd": {"impressions": 24, "batch_size": 12}},
+        "synthesize": {"zskd": {"impressions": 24, "batch_size": 12}, "deepinversion": {"images": 24, "batch_size": 12}},
     })
     root = copy_project(tmp_path / "project", params)
     params["teacher"].update(write_teacher(form, root / "teachers"))
@@ -117,11 +120,16 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_dafl_and_zskd_and_served(t
     assert InputSpec(**teacher_metadata["input"]) == SPEC
     dafl_onnx = (root / "models/student.onnx").read_bytes()
 
-    params["synthesize"]["method"] = "zskd"
-    (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
-    output = run([str(BIN / "dvc"), "repro"], root).stdout
-    assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output
-    assert (root / "models/student.onnx").read_bytes() != dafl_onnx
+    students = {dafl_onnx}
+    for method in ("zskd", "deepinversion"):
+        params["synthesize"]["method"] = method
+        (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
+        output = run([str(BIN / "dvc"), "repro"], root).stdout
+        assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output, method
+        students.add((root / "models/student.onnx").read_bytes())
+    assert len(students) == 3
+    inversions = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), SPEC)
+    assert isinstance(inversions, InversionTransferSet) and inversions.images.shape == (24, *SPEC.shape)
 
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["test_size"] == 18  # 20% of 90 images, stratified

@@ -61,7 +61,12 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ({"train_teacher": {"epochs": "many"}}, r"train_teacher.epochs: Input should be a valid integer"),
         ({"distill": {"stepz": 10}}, r"distill.stepz: unknown key"),
         ({"extra_section": {}}, r"extra_section: unknown key"),
-        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl' or 'zskd' \(got 'magic'\)"),
+        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl', 'zskd' or 'deepinversion' \(got 'magic'\)"),
+        (
+            {"synthesize": {"method": "deepinversion"}},
+            r"synthesize.method deepinversion matches the teacher's batch-norm statistics, and teacher.architecture "
+            r"lenet5 has no batch norm \(with batch norm: resnet8, resnet18",
+        ),
         (
             {"synthesize": {"dafl": {"temperature": 20}}},
             r"synthesize.dafl.temperature: unknown key: 'temperature' is a zskd option, not a dafl one "
@@ -76,10 +81,10 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         (
             {"distill": {"temperature": 4}},
             r"distill.temperature: unknown key: 'temperature' is set per synthesis method "
-            r"\(distill.dafl.temperature and distill.zskd.temperature\)",
+            r"\(distill.dafl.temperature, distill.zskd.temperature and distill.deepinversion.temperature\)",
         ),
         ({"distill": {"zskd": {"lr": 0.1}}}, r"distill.zskd.lr: unknown key: 'lr' is shared by every synthesis"),
-        ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps and"),
+        ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps, distill.zskd.steps and"),
         ({"distill": {"zskd": {"augment_scale": 1.5}}}, r"distill.zskd.augment_scale: Input should be less than 1"),
         ({"prepare": {"data_dir": ""}}, r"prepare.data_dir: String should have at least 1 character"),
         ({"device": "tpu"}, r"device: String should match pattern"),

@@ -9,7 +9,7 @@ import torch
 
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.inputs import InputSpec
-from dfkd.synthesis import TransferSet, dafl, zskd
+from dfkd.synthesis import TransferSet, dafl, deepinversion, zskd
 
 
 class Method(NamedTuple):
@@ -21,6 +21,9 @@ class Method(NamedTuple):
 METHODS = {
     "dafl": Method(dafl.synthesize, dafl.GeneratorTransferSet, dafl.save_figures),
     "zskd": Method(zskd.synthesize, zskd.ImpressionTransferSet, zskd.save_figures),
+    "deepinversion": Method(
+        deepinversion.synthesize, deepinversion.InversionTransferSet, deepinversion.save_figures
+    ),
 }
 
 

@@ -15,8 +15,10 @@ import inspect
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch
 from torch import nn
 
+from dfkd.teacher import is_batch_norm
 from dfkd.zoo import lenet, mobilenet, resnet, wrn
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -65,6 +67,14 @@ def check_model_config(config: ModelConfig) -> None:
     if unknown:
         listed = ", ".join(f"{name} (default {value!r})" for name, value in known.items()) or "none"
         raise ZooError(f"{config.architecture} has no option {', '.join(unknown)} (its options: {listed})")
+
+
+def has_batch_norm(config: ModelConfig) -> bool:
+    """Whether the architecture normalises by running statistics; built on the meta device, so no
+    memory is allocated and nothing is initialised."""
+    with torch.device("meta"):
+        model = build_model(config, channels=1, image_size=32, num_classes=10)
+    return any(is_batch_norm(module) for module in model.modules())
 
 
 def build_model(config: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
