@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.checkpoint import CheckpointError
+from dfkd.checkpoint import CheckpointError, ResumeState
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.deepinversion import (
     NEEDED_BY,
@@ -12,6 +12,7 @@ from dfkd.synthesis.deepinversion import (
     InversionTransferSet,
     batch_norm_loss,
     jittered,
+    save_figures,
     synthesize,
 )
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
@@ -119,3 +120,32 @@ def test_a_linear_teacher_with_batch_norm_1d_is_matched_too():
     assert layers == ["2"]
     _, term = batch_norm_loss(teacher, torch.randn(16, *SPEC.shape), layers)
     assert term.item() > 0
+
+
+def test_interrupted_synthesis_resumes_after_its_last_finished_batch(tmp_path):
+    config = DeepInversionConfig(images=24, batch_size=8, steps=3)
+
+    def run(resume, kill_at=None, seen=None):
+        def on_step(step, metrics):
+            if seen is not None:
+                seen.append(step)
+            if step == kill_at:
+                raise KeyboardInterrupt
+
+        teacher = resnet_teacher()
+        torch.manual_seed(0)
+        return synthesize(teacher, config, CPU, on_step=on_step, resume=resume)
+
+    unbroken = run(None)
+    resume = ResumeState(tmp_path / "synthesize.pt", {"deepinversion": config.model_dump()}, every=100)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume, kill_at=8)  # in the third batch: the first two are saved
+    seen = []
+    resumed = run(resume, seen=seen)
+    assert seen[0] == 7
+    assert torch.equal(resumed.images, unbroken.images) and torch.equal(resumed.targets, unbroken.targets)
+
+
+def test_the_figure_is_a_png_file(tmp_path):
+    save_figures(InversionTransferSet(torch.randn(8, *SPEC.shape), torch.arange(8) % 4), tmp_path)
+    assert (tmp_path / "inversions.png").read_bytes().startswith(b"\x89PNG")
