@@ -170,9 +170,11 @@ def bar_verdict(results: dict[str, list[dict]], methods: list[str]) -> str:
     short = [f"{name} ({margin * 100:.2f} pt)" for margin, name in margins if margin < MIN_ABOVE_FLOOR]
     smallest, where = min(margins)
     bar = f"Issue 16's bar, every data-free student at least {MIN_ABOVE_FLOOR * 100:.0f} pt above its noise floor"
+    missing = [teacher for teacher in TEACHERS if teacher not in results]
+    covered = f" Not measured yet: teacher {', '.join(missing)}." if missing else ""
     if short:
-        return f"{bar}: **not met** by {', '.join(short)}."
-    return f"{bar}: met (smallest margin {smallest * 100:.2f} pt, {where})."
+        return f"{bar}: **not met** by {', '.join(short)}.{covered}"
+    return f"{bar}: met by all {len(margins)} students measured (smallest margin {smallest * 100:.2f} pt, {where}).{covered}"
 
 
 def save_plot(results: dict[str, list[dict]], methods: list[str]) -> None:
