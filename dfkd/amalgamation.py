@@ -36,7 +36,7 @@ from dfkd.distill import draw_pool
 from dfkd.inputs import InputSpec
 from dfkd.losses import information_entropy_loss, kd_loss
 from dfkd.models import LabelUnion, TargetNet
-from dfkd.runtime import autocast, grad_scaler, on_device
+from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
 from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
@@ -353,6 +353,7 @@ def amalgamate(
                     loss = output_loss(
                         head_logits, union_logits, list(teacher_logits), teacher_union_logits, config.temperature
                     )
+            check_finite(f"amalgamation {phase}", step, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

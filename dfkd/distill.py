@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.losses import kd_loss
-from dfkd.runtime import autocast, grad_scaler, on_device
+from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
 
 
@@ -91,6 +91,7 @@ def distill(
                 teacher_logits = teacher(images)
             student_logits = student(images)
             loss = kd_loss(student_logits, teacher_logits, config.temperature)
+        check_finite("distill", step, kd_loss=loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

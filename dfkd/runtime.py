@@ -51,3 +51,19 @@ def on_device(module: Movable, device: torch.device) -> Movable:
     if device.type == "cuda":
         return module.to(device, memory_format=torch.channels_last)
     return module.to(device)
+
+
+class DivergedError(RuntimeError):
+    """A loss that stopped being finite: the run cannot recover from it, so it stops before
+    anything it trained is written."""
+
+
+def check_finite(loop: str, step: int, **losses: torch.Tensor) -> None:
+    """Stop `loop` at the first step with a NaN or infinite loss, naming the step and the loss,
+    before the optimiser step that would carry it into the weights."""
+    diverged = [f"{name} = {value.item()}" for name, value in losses.items() if not torch.isfinite(value).all()]
+    if diverged:
+        raise DivergedError(
+            f"{loop} diverged at step {step}: {', '.join(diverged)}; stopped before writing anything "
+            "(a lower learning rate is the usual cure)"
+        )

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
-from dfkd.runtime import autocast, grad_scaler, on_device
+from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 
 
 class TeacherTrainConfig(BaseModel):
@@ -74,6 +74,7 @@ def train_classifier(
             images = random_affine(train_images[batch], config.max_shift)
             with autocast(device):
                 loss = F.cross_entropy(model(images), train_labels[batch])
+            check_finite("teacher", progress.n + 1, cross_entropy=loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -17,7 +17,7 @@ from dfkd.checkpoint import CheckpointError, OutputError, ResumeState
 from dfkd.data import DataError, load_split, to_model_input
 from dfkd.export import ParityError
 from dfkd.inputs import InputSpec
-from dfkd.runtime import resolve_device, seed_everything
+from dfkd.runtime import DivergedError, resolve_device, seed_everything
 from dfkd.teacher import TeacherError
 from stages.params import ROOT, Params, ParamsError
 
@@ -114,11 +114,13 @@ def stage_resume(stage: str, every: int, file_name: str | None = None) -> Resume
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main; bad input (params, data, checkpoints, a teacher that the synthesis method
-    cannot use, teachers that cannot be amalgamated, ONNX parity) or an output that cannot be written
-    (disk full, read-only folder) ends it with a one-line error naming the key or file and exit code 2,
-    instead of a traceback."""
+    cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, or an output
+    that cannot be written (disk full, read-only folder) ends it with a one-line error naming the key,
+    file or step and exit code 2, instead of a traceback."""
     try:
         main()
-    except (ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError) as error:
+    except (
+        ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, DivergedError
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,9 +1,15 @@
-"""The CPU keeps full precision: every GPU fast path of `dfkd.runtime` is a no-op there."""
+"""The CPU keeps full precision: every GPU fast path of `dfkd.runtime` is a no-op there; a loss that
+stops being finite stops its loop."""
 
+import pytest
 import torch
 from torch import nn
 
-from dfkd.runtime import autocast, grad_scaler, on_device
+from dfkd.classifier import build_classifier
+from dfkd.distill import DistillConfig, distill
+from dfkd.inputs import InputSpec
+from dfkd.runtime import DivergedError, autocast, check_finite, grad_scaler, on_device
+from dfkd.synthesis import GaussianNoise
 
 CPU = torch.device("cpu")
 
@@ -31,3 +37,19 @@ def test_the_grad_scaler_passes_the_loss_and_the_step_through_on_the_cpu():
 def test_on_device_keeps_the_cpu_layout():
     conv = on_device(nn.Conv2d(3, 8, 3), CPU)
     assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_check_finite_names_the_step_and_every_loss_that_is_not_finite():
+    check_finite("distill", 3, kd_loss=torch.tensor(0.5))
+    with pytest.raises(DivergedError, match=r"generator diverged at step 7: one_hot = nan, entropy = inf;"):
+        check_finite("generator", 7, one_hot=torch.tensor(float("nan")), activation=torch.tensor(1.0),
+                     entropy=torch.tensor(float("inf")))
+
+
+def test_distillation_with_a_diverging_learning_rate_stops_at_the_first_bad_step():
+    spec = InputSpec(channels=1, size=32, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"), resize="pad")
+    teacher = build_classifier("lenet5", {}, spec).model.eval()
+    student = build_classifier("lenet5_half", {}, spec).model
+    config = DistillConfig(steps=50, batch_size=8, lr=1e30)
+    with pytest.raises(DivergedError, match=r"distill diverged at step 2: kd_loss = nan"):
+        distill(student, teacher, GaussianNoise(spec.shape), config, CPU)

@@ -1,4 +1,5 @@
-"""Bad input stops a stage at once, with exit code 2 and a message naming the key or file."""
+"""Bad input stops a stage at once, and a diverging loss at its first step, with exit code 2 and a
+message naming the key, file or step."""
 
 import sys
 import time
@@ -7,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROJECT as PROJECT_ROOT, copy_project, run
+from conftest import BIN, PROJECT as PROJECT_ROOT, TINY_PARAMS, copy_project, merge, run
 from dfkd.checkpoint import save_checkpoint
 from dfkd.classifier import build_classifier, save_classifier
 from dfkd.inputs import InputSpec
@@ -21,9 +22,7 @@ def project(tmp_path_factory):
 MNIST = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"), resize="pad")
 
 def set_params(project, update):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in update.items():
-        params[section].update(values)
+    params = merge(yaml.safe_load((project / "params.yaml").read_text()), update)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -99,6 +98,26 @@ def test_the_gate_with_nothing_registered_says_so_with_exit_code_2(project, tmp_
                  MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'empty.db'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no version of 'dfkd-student'" in result.stderr and "dvc repro --force export" in result.stderr
+
+
+def test_a_diverging_learning_rate_stops_dvc_repro_naming_the_step_and_leaves_no_output(tmp_path):
+    root = copy_project(tmp_path, TINY_PARAMS)
+    dvc_repro = [str(BIN / "dvc"), "repro", "distill"]
+    run(dvc_repro, root)
+    assert (root / "models/student.pt").is_file()
+
+    set_params(root, {"distill": {"dafl": {"lr": 1e30}}})
+    result = run(dvc_repro, root, check=False)
+    assert result.returncode != 0
+    assert "error: distill diverged at step 2: kd_loss = nan" in result.stderr
+    assert not (root / "models/student.pt").exists(), "the student of the earlier run is not taken for this one"
+    assert (root / "models/transfer_set.pt").is_file()
+
+    set_params(root, {"synthesize": {"dafl": {"lr": 1e30}}})
+    result = run(dvc_repro, root, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: generator diverged at step 2: loss = nan" in result.stderr
+    assert not (root / "models/transfer_set.pt").exists()
 
 
 WRITE_LIMITED = """

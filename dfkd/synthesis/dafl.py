@@ -17,7 +17,7 @@ from dfkd.checkpoint import ResumeState
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
-from dfkd.runtime import autocast, grad_scaler, on_device
+from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.teacher import Teacher
 
 
@@ -125,6 +125,7 @@ def train_generator(
         latent = torch.randn(config.batch_size, config.latent_dim, device=device)
         with autocast(device):
             total, losses = generator_loss(generator(latent))
+        check_finite("generator", step, loss=total, **losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)

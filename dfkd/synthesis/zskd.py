@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dfkd.checkpoint import ResumeState
 from dfkd.inputs import InputSpec
 from dfkd.plots import save_class_grid, save_matrix
-from dfkd.runtime import autocast, grad_scaler
+from dfkd.runtime import autocast, check_finite, grad_scaler
 from dfkd.synthesis import FixedImages
 from dfkd.teacher import Teacher
 
@@ -160,6 +160,7 @@ def optimise_images(
         for _ in range(steps):
             with autocast(pixels.device):
                 loss, logged = batch_loss(pixels, rows)
+            check_finite(description, step + 1, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
