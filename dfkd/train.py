@@ -74,7 +74,7 @@ def train_classifier(
             images = random_affine(train_images[batch], config.max_shift)
             with autocast(device):
                 loss = F.cross_entropy(model(images), train_labels[batch])
-            check_finite("teacher", progress.n + 1, cross_entropy=loss)
+            check_finite("teacher", (epoch - 1) * steps_per_epoch + i // config.batch_size + 1, cross_entropy=loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -10,6 +10,7 @@ from dfkd.distill import DistillConfig, distill
 from dfkd.inputs import InputSpec
 from dfkd.runtime import DivergedError, autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import GaussianNoise
+from dfkd.train import TeacherTrainConfig, train_classifier
 
 CPU = torch.device("cpu")
 
@@ -46,10 +47,20 @@ def test_check_finite_names_the_step_and_every_loss_that_is_not_finite():
                      entropy=torch.tensor(float("inf")))
 
 
+SPEC = InputSpec(channels=1, size=32, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"), resize="pad")
+
+
 def test_distillation_with_a_diverging_learning_rate_stops_at_the_first_bad_step():
-    spec = InputSpec(channels=1, size=32, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"), resize="pad")
-    teacher = build_classifier("lenet5", {}, spec).model.eval()
-    student = build_classifier("lenet5_half", {}, spec).model
+    teacher = build_classifier("lenet5", {}, SPEC).model.eval()
+    student = build_classifier("lenet5_half", {}, SPEC).model
     config = DistillConfig(steps=50, batch_size=8, lr=1e30)
     with pytest.raises(DivergedError, match=r"distill diverged at step 2: kd_loss = nan"):
-        distill(student, teacher, GaussianNoise(spec.shape), config, CPU)
+        distill(student, teacher, GaussianNoise(SPEC.shape), config, CPU)
+
+
+def test_teacher_training_with_a_diverging_learning_rate_stops_at_the_first_bad_step():
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 1, 32, 32), torch.arange(16) % 10
+    config = TeacherTrainConfig(epochs=3, batch_size=8, lr=1e30)
+    with pytest.raises(DivergedError, match=r"teacher diverged at step 2: cross_entropy = nan"):
+        train_classifier(build_classifier("lenet5", {}, SPEC).model, images, labels, images, labels, config, CPU)
