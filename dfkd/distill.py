@@ -65,23 +65,33 @@ def distill(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
 ) -> nn.Module:
-    """Train `student` to match `teacher`'s softened outputs on transfer-set samples; return it.
+    """Train `student` to match `teacher`'s softened outputs on transfer-set samples; return it. An
+    adversarial transfer set takes its step against the student every `transfer_set.every` steps.
 
     The student of the last step is the result: picking a checkpoint would need held-out real data,
     which a data-free pipeline does not have.
     """
     teacher = on_device(teacher, device).eval()
     student = on_device(student, device)
+    # A transfer set that learns against the student (dfkd.synthesis.dfad) takes its step here.
+    adversarial = hasattr(transfer_set, "adversarial_step")
+    if config.pool_size and adversarial:
+        raise ValueError("pool_size must be 0 for an adversarial transfer set: a pool would stop its game")
     if config.pool_size:
         transfer_set = draw_pool(transfer_set, config.pool_size, config.batch_size)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     scaler = grad_scaler(device)
     trained = {"student": student, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
-    start = resume.restore(config.steps, **trained)["step"] if resume else 0
+    if adversarial:
+        trained["transfer_set"] = transfer_set
+    saved = resume.restore(config.steps, **trained) if resume else {"step": 0}
+    start, game = saved["step"], saved.get("game", {})  # game: the generator's figures of its last step
 
     student.train()
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
+        if adversarial and (step - 1) % transfer_set.every == 0:
+            game = transfer_set.adversarial_step(student, teacher, step)
         images = random_affine(
             transfer_set.sample(config.batch_size).to(device),
             config.augment_shift, config.augment_rotation, config.augment_scale,
@@ -100,7 +110,7 @@ def distill(
 
         if on_step:
             agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
-            on_step(step, {"kd_loss": loss.item(), "teacher_agreement": agreement.item()})
+            on_step(step, {"kd_loss": loss.item(), "teacher_agreement": agreement.item(), **game})
         if resume:
-            resume.maybe_save(step, **trained)
+            resume.maybe_save(step, extra={"game": game}, **trained)
     return student.eval()

@@ -53,7 +53,15 @@ def save_class_grid(
 
 
 def save_curves(rows: list[dict[str, float]], path: str | os.PathLike, title: str) -> None:
-    """Every metric of `rows` (dicts with a 'step' key) against the step, one panel each."""
+    """Every metric of `rows` (dicts with a 'step' key) against the step, one panel each; with no
+    rows (a method that trains nothing there), a figure that says so."""
+    if not rows:
+        figure, axis = plt.subplots(figsize=(4, 3))
+        axis.text(0.5, 0.5, "no steps: nothing is trained here", ha="center", va="center")
+        axis.set_axis_off()
+        figure.suptitle(title)
+        _save(figure, path)
+        return
     names = [name for name in rows[0] if name != "step"]
     steps = [row["step"] for row in rows]
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)

@@ -16,6 +16,7 @@ from dfkd.distill import DistillConfig, DistillSchedule, TransferRecipe
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.dafl import DAFLConfig
 from dfkd.synthesis.deepinversion import DeepInversionConfig
+from dfkd.synthesis.dfad import DFADConfig
 from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
 from dfkd.zoo import ARCHITECTURES, ModelConfig, has_batch_norm
@@ -73,14 +74,15 @@ class TeacherParams(Strict):
 
 
 # The options of each synthesis method; every section may be present, only `method`'s is used.
-METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig, "deepinversion": DeepInversionConfig}
+METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig, "deepinversion": DeepInversionConfig, "dfad": DFADConfig}
 
 
 class SynthesizeParams(Strict):
-    method: Literal["dafl", "zskd", "deepinversion"] = "dafl"  # METHOD_OPTIONS' names
+    method: Literal["dafl", "zskd", "deepinversion", "dfad"] = "dafl"  # METHOD_OPTIONS' names
     dafl: DAFLConfig = DAFLConfig()
     zskd: ZSKDConfig = ZSKDConfig()
     deepinversion: DeepInversionConfig = DeepInversionConfig()
+    dfad: DFADConfig = DFADConfig()
 
 
 class DistillParams(DistillSchedule):
@@ -102,6 +104,13 @@ class DistillParams(DistillSchedule):
     deepinversion: TransferRecipe = TransferRecipe(
         steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
     )
+    dfad: TransferRecipe = TransferRecipe(steps=3000, temperature=1.0)
+
+    @model_validator(mode="after")
+    def check_adversarial_pool(self):
+        if self.dfad.pool_size:
+            raise ValueError("dfad.pool_size must be 0: the generator learns against the student at every step")
+        return self
 
     def config(self, method: str) -> DistillConfig:
         """The settings of `distill` for the transfer set of synthesis `method`."""

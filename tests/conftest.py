@@ -19,9 +19,11 @@ TINY_PARAMS = {
         "dafl": {"steps": 6, "batch_size": 32, "generator_width": 8},
         "zskd": {"impressions": 40, "batch_size": 20, "steps": 5},  # used once a test selects zskd
         "deepinversion": {"images": 40, "batch_size": 20, "steps": 5},  # with a batch-norm teacher
+        "dfad": {"batch_size": 32, "generator_width": 8},
     },
     "distill": {
         "batch_size": 64, "dafl": {"steps": 12, "pool_size": 256}, "zskd": {"steps": 12}, "deepinversion": {"steps": 12},
+        "dfad": {"steps": 12},
     },
     "evaluate": {"latency_repeats": 3},
 }

@@ -121,13 +121,13 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp
     dafl_onnx = (root / "models/student.onnx").read_bytes()
 
     students = {dafl_onnx}
-    for method in ("zskd", "deepinversion"):
+    for method in ("zskd", "deepinversion", "dfad"):
         params["synthesize"]["method"] = method
         (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
         output = run([str(BIN / "dvc"), "repro"], root).stdout
         assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output, method
         students.add((root / "models/student.onnx").read_bytes())
-    assert len(students) == 3
+    assert len(students) == 4
     inversions = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), SPEC)
     assert isinstance(inversions, InversionTransferSet) and inversions.images.shape == (24, *SPEC.shape)
 

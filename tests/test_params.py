@@ -61,7 +61,7 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ({"train_teacher": {"epochs": "many"}}, r"train_teacher.epochs: Input should be a valid integer"),
         ({"distill": {"stepz": 10}}, r"distill.stepz: unknown key"),
         ({"extra_section": {}}, r"extra_section: unknown key"),
-        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl', 'zskd' or 'deepinversion' \(got 'magic'\)"),
+        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl', 'zskd', 'deepinversion' or 'dfad' \(got 'magic'\)"),
         (
             {"synthesize": {"method": "deepinversion"}},
             r"synthesize.method deepinversion matches the teacher's batch-norm statistics, and teacher.architecture "
@@ -74,17 +74,19 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ),
         (
             {"synthesize": {"zskd": {"generator_width": 8}}},
-            r"synthesize.zskd.generator_width: unknown key: 'generator_width' is a dafl option, not a zskd one",
+            r"synthesize.zskd.generator_width: unknown key: 'generator_width' is a dafl/dfad option, not a zskd one "
+            r"\(set synthesize.dafl.generator_width or synthesize.dfad.generator_width\)",
         ),
         ({"synthesize": {"impressions": 10}}, r"synthesize.impressions: unknown key: 'impressions' is a zskd option"),
         ({"synthesize": {"zskd": {"scales": [1.0, -0.1]}}}, r"synthesize.zskd.scales.1: Input should be greater than 0"),
         (
             {"distill": {"temperature": 4}},
             r"distill.temperature: unknown key: 'temperature' is set per synthesis method "
-            r"\(distill.dafl.temperature, distill.zskd.temperature and distill.deepinversion.temperature\)",
+            r"\(distill.dafl.temperature, distill.zskd.temperature, distill.deepinversion.temperature and "
+            r"distill.dfad.temperature\)",
         ),
         ({"distill": {"zskd": {"lr": 0.1}}}, r"distill.zskd.lr: unknown key: 'lr' is shared by every synthesis"),
-        ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps, distill.zskd.steps and"),
+        ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps, distill.zskd.steps,"),
         ({"distill": {"zskd": {"augment_scale": 1.5}}}, r"distill.zskd.augment_scale: Input should be less than 1"),
         ({"prepare": {"data_dir": ""}}, r"prepare.data_dir: String should have at least 1 character"),
         ({"device": "tpu"}, r"device: String should match pattern"),

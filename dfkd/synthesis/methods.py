@@ -9,7 +9,7 @@ import torch
 
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.inputs import InputSpec
-from dfkd.synthesis import TransferSet, dafl, deepinversion, zskd
+from dfkd.synthesis import TransferSet, dafl, deepinversion, dfad, zskd
 
 
 class Method(NamedTuple):
@@ -24,6 +24,8 @@ METHODS = {
     "deepinversion": Method(
         deepinversion.synthesize, deepinversion.InversionTransferSet, deepinversion.save_figures
     ),
+    # The generator's starting point only: its game against the student is played in distill.
+    "dfad": Method(dfad.synthesize, dfad.AdversarialGenerator, dafl.save_figures),
 }
 
 
