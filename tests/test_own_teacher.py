@@ -24,6 +24,7 @@ from torch import nn
 from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.deepinversion import InversionTransferSet
+from dfkd.synthesis.dfad import AdversarialGenerator
 from dfkd.synthesis.methods import load_transfer_set
 from dfkd.zoo import ModelConfig, build_model
 
@@ -120,16 +121,18 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp
     assert InputSpec(**teacher_metadata["input"]) == SPEC
     dafl_onnx = (root / "models/student.onnx").read_bytes()
 
-    students = {dafl_onnx}
+    students, transfer_sets = {dafl_onnx}, {}
     for method in ("zskd", "deepinversion", "dfad"):
         params["synthesize"]["method"] = method
         (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
         output = run([str(BIN / "dvc"), "repro"], root).stdout
         assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output, method
         students.add((root / "models/student.onnx").read_bytes())
+        transfer_sets[method] = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), SPEC)
     assert len(students) == 4
-    inversions = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), SPEC)
+    inversions = transfer_sets["deepinversion"]
     assert isinstance(inversions, InversionTransferSet) and inversions.images.shape == (24, *SPEC.shape)
+    assert isinstance(transfer_sets["dfad"], AdversarialGenerator)
 
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["test_size"] == 18  # 20% of 90 images, stratified

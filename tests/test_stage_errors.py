@@ -106,7 +106,7 @@ def test_a_diverging_learning_rate_stops_dvc_repro_naming_the_step_and_leaves_no
     run(dvc_repro, root)
     assert (root / "models/student.pt").is_file()
 
-    set_params(root, {"distill": {"dafl": {"lr": 1e30}}})
+    set_params(root, {"distill": {"lr": 1e30}})
     result = run(dvc_repro, root, check=False)
     assert result.returncode != 0
     assert "error: distill diverged at step 2: kd_loss = nan" in result.stderr
