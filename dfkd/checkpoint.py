@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dfkd.distributed import is_main
+
 CHECKSUM_KEY = "sha256"  # of the rest of the payload, stored beside it
 
 
@@ -187,10 +189,13 @@ class ResumeState:
 
     def save(self, step: int, extra: dict | None = None, **stateful) -> None:
         """Save each object's state dict (the attached ones too), the RNG state and `extra` (tensors
-        and plain values)."""
+        and plain values). Under torchrun rank 0 alone saves: the ranks hold the same state."""
+        if not is_main():
+            return
         state = {"step": step, "rng": torch.get_rng_state(), **(extra or {})}
         state.update({name: target.state_dict() for name, target in {**self.attached, **stateful}.items()})
         save_checkpoint(self.path, {"kind": "resume", "inputs": self.inputs, "state": state})
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if is_main():
+            self.path.unlink(missing_ok=True)

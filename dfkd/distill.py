@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import average, data_parallel, share
 from dfkd.losses import kd_loss
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
@@ -69,7 +70,8 @@ def distill(
     adversarial transfer set takes its step against the student every `transfer_set.every` steps.
 
     The student of the last step is the result: picking a checkpoint would need held-out real data,
-    which a data-free pipeline does not have.
+    which a data-free pipeline does not have. Under torchrun every rank draws the same batch and
+    trains on its share of it (dfkd.distributed).
     """
     teacher = on_device(teacher, device).eval()
     student = on_device(student, device)
@@ -89,17 +91,18 @@ def distill(
     start, game = saved["step"], saved.get("game", {})  # game: the generator's figures of its last step
 
     student.train()
+    trained_student = data_parallel(student)
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
         if adversarial and (step - 1) % transfer_set.every == 0:
             game = transfer_set.adversarial_step(student, teacher, step)
-        images = random_affine(
+        images = share(random_affine(
             transfer_set.sample(config.batch_size).to(device),
             config.augment_shift, config.augment_rotation, config.augment_scale,
-        )
+        ))
         with autocast(device):
             with torch.no_grad():
                 teacher_logits = teacher(images)
-            student_logits = student(images)
+            student_logits = trained_student(images)
             loss = kd_loss(student_logits, teacher_logits, config.temperature)
         check_finite("distill", step, kd_loss=loss)
         optimizer.zero_grad(set_to_none=True)
@@ -108,9 +111,10 @@ def distill(
         scaler.update()
         schedule.step()
 
+        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
+        kd, agreement = average(torch.stack([loss.detach().float(), agreement])).tolist()
         if on_step:
-            agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
-            on_step(step, {"kd_loss": loss.item(), "teacher_agreement": agreement.item(), **game})
+            on_step(step, {"kd_loss": kd, "teacher_agreement": agreement, **game})
         if resume:
             resume.maybe_save(step, extra={"game": game}, **trained)
     return student.eval()

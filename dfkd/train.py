@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import average, data_parallel, share
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 
 
@@ -48,7 +49,8 @@ def train_classifier(
     resume: ResumeState | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train with cross-entropy; return the weights of the epoch with the best validation accuracy
-    and that epoch's metrics."""
+    and that epoch's metrics. Under torchrun every rank draws the same batch and trains on its share
+    of it (dfkd.distributed)."""
     model = on_device(model, device)
     # The whole split on the device, so that batches are gathered and augmented there.
     train_images, train_labels = train_images.to(device), train_labels.to(device)
@@ -64,16 +66,17 @@ def train_classifier(
     best = saved.get("best", {"val_accuracy": -1.0})
     best_state = saved.get("best_state", copy.deepcopy(model.state_dict()))
 
+    trained_model = data_parallel(model)
     progress = tqdm(total=config.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="teacher")
     for epoch in range(start + 1, config.epochs + 1):
-        model.train()
+        trained_model.train()
         order = torch.randperm(len(train_images))
         total_loss = 0.0
         for i in range(0, len(order), config.batch_size):
             batch = order[i : i + config.batch_size].to(device)
-            images = random_affine(train_images[batch], config.max_shift)
+            images = share(random_affine(train_images[batch], config.max_shift))
             with autocast(device):
-                loss = F.cross_entropy(model(images), train_labels[batch])
+                loss = F.cross_entropy(trained_model(images), share(train_labels[batch]))
             check_finite("teacher", (epoch - 1) * steps_per_epoch + i // config.batch_size + 1, cross_entropy=loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -84,7 +87,7 @@ def train_classifier(
             progress.update()
 
         metrics = {
-            "train_loss": total_loss / len(train_images),
+            "train_loss": average(torch.tensor(total_loss / len(train_images))).item(),  # of each rank's shares
             "val_accuracy": accuracy(predict(model, val_images, device), val_labels),
         }
         progress.set_postfix(val_accuracy=f"{metrics['val_accuracy']:.4f}")

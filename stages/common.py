@@ -15,11 +15,12 @@ from dvc.repo import Repo
 from dfkd.amalgamation import AmalgamationError
 from dfkd.checkpoint import CheckpointError, OutputError, ResumeState
 from dfkd.data import DataError, load_split, to_model_input
+from dfkd.distributed import join, launched
 from dfkd.export import ParityError
 from dfkd.inputs import InputSpec
 from dfkd.runtime import DivergedError, resolve_device, seed_everything
 from dfkd.teacher import TeacherError
-from stages.params import ROOT, Params, ParamsError
+from stages.params import ROOT, Params, ParamsError, load_params
 
 PREPARED = ROOT / "data" / "prepared"
 MODELS = ROOT / "models"
@@ -28,10 +29,45 @@ RESUME = ROOT / ".resume"  # mid-stage training state; outside DVC's outputs, so
 
 
 def setup(params: Params) -> torch.device:
-    # One intra-op thread per core; torch's default oversubscribes small CPU machines.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    """Threads, seed and device of a training stage; under torchrun, also join its process group.
+    Every rank takes the same seed: the loops that split a batch rely on it (dfkd/distributed.py)."""
+    # One intra-op thread per core, shared by the processes of this machine; torch's default
+    # oversubscribes small CPU machines.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
     seed_everything(params.seed)
-    return resolve_device(params.device)
+    return join(resolve_device(params.device))
+
+
+def launch_data_parallel() -> None:
+    """Start this stage again as the processes `distributed` in params.yaml asks for, replacing this
+    process by torchrun, which starts one copy per process and ends them all if one fails; return
+    at once when one process is asked for, or when this is already one of torchrun's."""
+    params = load_params()
+    settings = params.distributed
+    if settings.processes * settings.nodes == 1 or launched():
+        return
+    device = resolve_device(params.device)
+    cores = len(os.sched_getaffinity(0))
+    available, kind = (torch.cuda.device_count(), "GPUs") if device.type == "cuda" else (cores, "CPU cores")
+    if settings.processes > available:
+        raise ParamsError(
+            f"params.yaml: distributed.processes is {settings.processes}, more than the {available} {kind} of "
+            "this machine (one process per GPU, or per core on the CPU)"
+        )
+    module = sys.modules["__main__"].__spec__.name
+    meeting = ["--standalone"] if settings.nodes == 1 else [
+        "--nnodes", str(settings.nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", settings.rendezvous,
+        "--rdzv-id", module,
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(settings.processes), *meeting,
+        "--local-ranks-filter", "0", "-m", module, *sys.argv[1:],
+    ]
+    # Set, torchrun keeps it instead of setting 1 with a warning; setup sets the threads itself.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // settings.processes)))
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def dataset_description() -> dict:
@@ -112,12 +148,15 @@ def stage_resume(stage: str, every: int, file_name: str | None = None) -> Resume
     return ResumeState(RESUME / f"{file_name or stage}.pt", stage_inputs(stage), every, label=stage)
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage's main; bad input (params, data, checkpoints, a teacher that the synthesis method
-    cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, or an output
-    that cannot be written (disk full, read-only folder) ends it with a one-line error naming the key,
-    file or step and exit code 2, instead of a traceback."""
+def run(main: Callable[[], None], data_parallel: bool = False) -> None:
+    """Run a stage's main, as several processes if it is `data_parallel` and params.yaml asks for
+    them (`launch_data_parallel`); bad input (params, data, checkpoints, a teacher that the synthesis
+    method cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, or an
+    output that cannot be written (disk full, read-only folder) ends it with a one-line error naming
+    the key, file or step and exit code 2, instead of a traceback."""
     try:
+        if data_parallel:
+            launch_data_parallel()
         main()
     except (
         ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, DivergedError

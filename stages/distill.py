@@ -16,6 +16,7 @@ import mlflow
 
 from dfkd.classifier import build_classifier, check_classifier, freeze, load_classifier, save_classifier
 from dfkd.distill import distill
+from dfkd.distributed import is_main
 from dfkd.plots import save_curves
 from dfkd.synthesis import GaussianNoise, FixedImages
 from dfkd.synthesis.methods import load_transfer_set
@@ -63,7 +64,10 @@ def main() -> None:
     with stage_run(stage, logged, params.mlflow.experiment, resume):
         curve = CurveLogger(out / "curve.csv", every=5)
         resume.attach(curve=curve)
-        distill(student.model, freeze(teacher.model), transfer_set, config, device, on_step=curve, resume=resume)
+        distill(student.model, freeze(teacher.model), transfer_set, config, device,
+                on_step=curve if is_main() else None, resume=resume)
+        if not is_main():  # the other ranks' work ends with the training
+            return
         student.model.cpu()
         save_classifier(student_path, student, metadata={"source": source, "seed": params.seed})
         curve.write()
@@ -76,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, data_parallel=True)

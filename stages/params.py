@@ -128,6 +128,16 @@ class EvaluateParams(Strict):
     latency_repeats: int = Field(50, gt=0)
 
 
+class DistributedParams(Strict):
+    """Data-parallel training under torchrun for train_teacher, synthesize and distill (dfkd/distributed.py);
+    the other stages run as one process."""
+
+    processes: int = Field(1, ge=1)  # per machine: at most one per GPU, or per CPU core
+    nodes: int = Field(1, ge=1)  # machines, each starting the same stage with the same params
+    # With nodes > 1: host:port, on the first machine, where the machines meet (torchrun's c10d rendezvous).
+    rendezvous: str = Field("localhost:29400", pattern=r"^[^:\s]+:[0-9]+$")
+
+
 class MlflowParams(Strict):
     experiment: str = Field("data-free-distillation", min_length=1)
     registered_model: str = Field("dfkd-student", min_length=1)
@@ -207,6 +217,7 @@ class AmalgamateParams(Strict):
 class Params(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    distributed: DistributedParams = DistributedParams()
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()
     train_teacher: TeacherTrainConfig = TeacherTrainConfig()

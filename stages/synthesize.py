@@ -12,6 +12,7 @@ import torch
 
 from dfkd.checkpoint import atomic_path
 from dfkd.classifier import freeze, load_classifier
+from dfkd.distributed import is_main
 from dfkd.plots import save_class_grid, save_curves
 from dfkd.synthesis.methods import METHODS, save_transfer_set
 from dfkd.teacher import Teacher
@@ -37,7 +38,10 @@ def main() -> None:
     with stage_run("synthesize", logged, params.mlflow.experiment, resume):
         curve = CurveLogger(OUT / "losses.csv", every=5)
         resume.attach(curve=curve)
-        transfer_set = chosen.synthesize(teacher, settings, device, on_step=curve, resume=resume)
+        transfer_set = chosen.synthesize(teacher, settings, device, on_step=curve if is_main() else None,
+                                         resume=resume)
+        if not is_main():  # the other ranks' work ends with the synthesis
+            return
         save_transfer_set(MODELS / "transfer_set.pt", method, transfer_set, teacher.spec, metadata={"seed": params.seed})
 
         # What the teacher sees in the transfer set: a collapsed generator shows as empty classes.
@@ -66,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, data_parallel=True)

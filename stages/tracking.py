@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from dfkd.checkpoint import ResumeState, atomic_path
+from dfkd.distributed import is_main
 from stages.params import ROOT
 
 PARENT_RUN_ENV = "DFKD_PARENT_RUN_ID"
@@ -179,7 +180,11 @@ def stage_run(
     stage: str, params: dict, experiment: str, resume: ResumeState | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """A nested MLflow run for `stage` under the pipeline run's parent, with `params` logged; with
-    `resume`, the run a resumed stage started before, reopened under the current parent."""
+    `resume`, the run a resumed stage started before, reopened under the current parent. Under
+    torchrun rank 0 alone has a run (the others get None), so a stage logs once."""
+    if not is_main():
+        yield None
+        return
     experiment_id = configure(experiment)
     end_abandoned_runs(experiment_id)
     parent, ends_parent = parent_run(experiment_id, stage)

@@ -14,6 +14,7 @@ import mlflow
 
 from dfkd.checkpoint import atomic_path
 from dfkd.classifier import Classifier, build_classifier, check_classifier, load_user_classifier, save_classifier
+from dfkd.distributed import is_main
 from dfkd.plots import save_curves
 from dfkd.train import accuracy, predict, train_classifier
 from stages.common import MODELS, REPORTS, data_spec, load_model_input, run, setup, stage_resume
@@ -28,6 +29,8 @@ def main() -> None:
     settings = params.teacher
     device = setup(params)
     if settings.source == "checkpoint":
+        if not is_main():  # nothing to train: rank 0 checks and copies the checkpoint
+            return
         checkpoint = ROOT / settings.checkpoint
         teacher = load_user_classifier(checkpoint, settings.architecture, settings.options, settings.input)
         check_classifier(teacher, str(checkpoint))
@@ -54,8 +57,10 @@ def main() -> None:
         resume.attach(curve=curve)
         _, best = train_classifier(
             model.model, train_images, train_labels, val_images, val_labels, params.train_teacher, device,
-            on_epoch=curve, resume=resume,
+            on_epoch=curve if is_main() else None, resume=resume,
         )
+        if not is_main():  # the other ranks' work ends with the training
+            return
         save_teacher(model, {"selected_on": "val", **best}, curve)
         resume.clear()
 
@@ -76,4 +81,4 @@ def save_teacher(teacher: Classifier, best: dict, curve: CurveLogger) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, data_parallel=True)

@@ -56,6 +56,12 @@ def merge(base: dict, update: dict) -> dict:
     return base
 
 
+def set_params(project: Path, update: dict) -> None:
+    """Merge `update` into the project's params.yaml."""
+    params = merge(yaml.safe_load((project / "params.yaml").read_text()), update)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def copy_project(destination: Path, params_update: dict) -> Path:
     """The project's files (tracked or not yet, never ignored ones) in a fresh git repository."""
     listed = subprocess.run(
@@ -67,8 +73,7 @@ def copy_project(destination: Path, params_update: dict) -> Path:
         if source.is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
-    params = merge(yaml.safe_load((destination / "params.yaml").read_text()), params_update)
-    (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(destination, params_update)
     for command in (
         ["git", "init", "-q"],
         # Its own identity: `dvc exp run` commits, and a fresh machine has no global one.

@@ -17,11 +17,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
-from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run
+from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, set_params
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.deepinversion import InversionTransferSet
 from dfkd.synthesis.dfad import AdversarialGenerator
@@ -113,7 +112,7 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp
     })
     root = copy_project(tmp_path / "project", params)
     params["teacher"].update(write_teacher(form, root / "teachers"))
-    (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
+    set_params(root, params)
 
     run([str(BIN / "dvc"), "repro"], root)
     teacher_metadata = torch.load(root / "models/teacher.pt", weights_only=True)
@@ -124,7 +123,7 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp
     students, transfer_sets = {dafl_onnx}, {}
     for method in ("zskd", "deepinversion", "dfad"):
         params["synthesize"]["method"] = method
-        (root / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((root / "params.yaml").read_text()), params)))
+        set_params(root, params)
         output = run([str(BIN / "dvc"), "repro"], root).stdout
         assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output, method
         students.add((root / "models/student.onnx").read_bytes())

@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from conftest import BIN, PROJECT as PROJECT_ROOT, TINY_PARAMS, copy_project, merge, run
+from conftest import BIN, PROJECT as PROJECT_ROOT, TINY_PARAMS, copy_project, run, set_params
 from dfkd.checkpoint import save_checkpoint
 from dfkd.classifier import build_classifier, save_classifier
 from dfkd.inputs import InputSpec
@@ -20,11 +19,6 @@ def project(tmp_path_factory):
 
 
 MNIST = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"), resize="pad")
-
-def set_params(project, update):
-    params = merge(yaml.safe_load((project / "params.yaml").read_text()), update)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-
 
 def run_stage(project, stage):
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import gather_rows, rank, world_size
 from dfkd.inputs import InputSpec
 from dfkd.plots import save_class_grid, save_matrix
 from dfkd.runtime import autocast, check_finite, grad_scaler
@@ -145,19 +146,28 @@ def optimise_images(
     """`count` images optimised `batch_size` at a time, each batch from `start_pixels(n)` by `steps`
     Adam steps on pixel intensities kept in [0, 1]. `batch_loss(pixels, rows)`, where `rows` is the
     batch's slice of the `count` images, gives the loss to minimise and the figure to log. Returns
-    the images in the teacher's input space; a killed run resumes after its last finished batch."""
+    the images in the teacher's input space; a killed run resumes after its last finished batch.
+
+    Under torchrun the ranks take the batches in turn, each batch on a random stream seeded by its
+    index, so that what a batch draws does not hang on which rank optimises it; all ranks gather
+    every batch."""
+    base_seed = torch.initial_seed()  # before a resume replaces the random state
     total = -(-count // batch_size) * steps
     saved = resume.restore(total) if resume else {"step": 0}
     done = saved.get("done", 0)
     images = None if done == 0 else saved["images"]
     step = saved["step"]
     progress = tqdm(total=total, initial=step, desc=description)
-    for start in range(done, count, batch_size):
+    for first in range(done, count, batch_size * world_size()):
+        start = min(first + rank() * batch_size, count)
         rows = slice(start, min(start + batch_size, count))
+        step = start // batch_size * steps
+        if world_size() > 1:
+            torch.manual_seed(base_seed * 1_000_003 + start // batch_size)
         pixels = start_pixels(rows.stop - rows.start).requires_grad_()
         optimizer = torch.optim.Adam([pixels], lr=lr)
         scaler = grad_scaler(pixels.device)  # a batch's steps are never cut by a resume
-        for _ in range(steps):
+        for _ in range(steps if len(pixels) else 0):
             with autocast(pixels.device):
                 loss, logged = batch_loss(pixels, rows)
             check_finite(description, step + 1, loss=loss)
@@ -171,10 +181,12 @@ def optimise_images(
             progress.update()
             if on_step:
                 on_step(step, {"loss": logged.item()})
-        batch = spec.normalise(pixels.detach()).cpu()
-        images = batch if images is None else torch.cat([images, batch])
+        batches = gather_rows(spec.normalise(pixels.detach()).cpu())
+        images = torch.cat(batches if images is None else [images, *batches])
+        step = -(-len(images) // batch_size) * steps
+        progress.update(step - progress.n)  # the other ranks' batches of this round
         if resume:
-            resume.save(step, extra={"done": rows.stop, "images": images})
+            resume.save(step, extra={"done": len(images), "images": images})
     progress.close()
     return images
 

@@ -1,0 +1,132 @@
+"""The training stages as two gloo processes through torchrun, which the stages start themselves
+under when `distributed.processes` asks for more than one, against the same stages as one process.
+
+The loops that split each batch (teacher, distillation) compute the gradient one process computes,
+up to the order of float sums: their models must match the one-process models to float precision,
+far closer than two seeds' models (which differ in every weight by about their own size). The
+synthesis of a fixed transfer set is split by batch, each batch on its own random stream: its images
+differ from one process's, and must be as good for the teacher and exactly reproducible.
+"""
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, set_params, wait_for
+from dfkd.classifier import load_classifier
+from dfkd.synthesis.zskd import impression_loss
+from stages.tracking import STAGE_TAG
+
+TWO_PROCESSES = {"distributed": {"processes": 2}}
+# Four batches: two rounds of one batch per process, each round long enough to be killed in.
+ZSKD = {"impressions": 80, "batch_size": 20, "steps": 400}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """A tiny ZSKD project run to the student as one process."""
+    params = merge(copy.deepcopy(TINY_PARAMS), {"synthesize": {"method": "zskd", "zskd": ZSKD}})
+    root = copy_project(tmp_path_factory.mktemp("one_process"), params)
+    run([str(BIN / "dvc"), "repro", "distill"], root)
+    return root
+
+
+@pytest.fixture
+def two_processes(one_process, tmp_path):
+    """A copy of the one-process project, set to two processes."""
+    root = tmp_path / "two_processes"
+    shutil.copytree(one_process, root, symlinks=True)
+    set_params(root, TWO_PROCESSES)
+    return root
+
+
+def stage(project, name: str) -> str:
+    return run([sys.executable, "-m", f"stages.{name}"], project).stdout
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_classifier(path).model.state_dict()
+
+
+def assert_same_model(one: dict, two: dict) -> None:
+    for name, value in one.items():
+        assert torch.allclose(two[name], value, rtol=1e-4, atol=1e-5), name
+
+
+def stage_runs(project, name: str) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("data-free-distillation")
+    return client.search_runs([experiment.experiment_id], f"tags.`{STAGE_TAG}` = '{name}'")
+
+
+def test_two_processes_train_the_teacher_one_process_trains(one_process, two_processes):
+    output = stage(two_processes, "train_teacher")
+    assert output.count("teacher (lenet5): validation accuracy") == 1, "rank 0 alone reports"
+    assert_same_model(weights(one_process / "models/teacher.pt"), weights(two_processes / "models/teacher.pt"))
+    assert len(stage_runs(two_processes, "train_teacher")) == 2, "one MLflow run per launch, not per process"
+
+
+def test_two_processes_distill_the_student_one_process_distils(one_process, two_processes):
+    output = stage(two_processes, "distill")
+    assert output.count("distill: distilled on synthetic images") == 1
+    assert_same_model(weights(one_process / "models/student.pt"), weights(two_processes / "models/student.pt"))
+    assert (two_processes / "reports/distill/curve.csv").read_text().count("\n") == (
+        one_process / "reports/distill/curve.csv"
+    ).read_text().count("\n"), "the curve is written once, whole"
+    assert len(stage_runs(two_processes, "distill")) == 2
+    assert not (two_processes / ".resume/distill.pt").exists()
+
+
+def synthesize_killed_after_first_round(project) -> None:
+    """Start synthesize as two processes and SIGTERM the launcher once the first round is saved."""
+    resume = project / ".resume/synthesize.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.synthesize"], cwd=project, env=environment(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: resume.exists() or process.poll() is not None)
+    assert process.poll() is None, "synthesize ended before its first resume state"
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    process.wait()
+
+
+def test_two_processes_split_the_impressions_and_resume_to_the_same_ones(one_process, two_processes):
+    one = torch.load(one_process / "models/transfer_set.pt", weights_only=True)
+    stage(two_processes, "synthesize")
+    unbroken = torch.load(two_processes / "models/transfer_set.pt", weights_only=True)
+    assert unbroken["images"].shape == one["images"].shape
+    assert torch.equal(unbroken["targets"], one["targets"]), "the targets are drawn before the split"
+    assert not torch.equal(unbroken["images"], one["images"]), "each batch has a random stream of its own"
+
+    # As good for the teacher: how far its softened outputs are from the targets (the impression loss
+    # less the targets' own entropy), on the mean over each set, within 5% of the other's (measured: 0.01% apart).
+    teacher = load_classifier(one_process / "models/teacher.pt").model.eval()
+    with torch.no_grad():
+        distances = [
+            (impression_loss(teacher(found["images"]), found["targets"], temperature=20.0)
+             + (found["targets"] * found["targets"].clamp_min(1e-12).log()).sum(dim=1)).mean().item()
+            for found in (one, unbroken)
+        ]
+    assert abs(distances[1] - distances[0]) <= 0.05 * distances[0], distances
+
+    synthesize_killed_after_first_round(two_processes)
+    resumed_output = stage(two_processes, "synthesize")
+    assert "synthesize: resuming from step 800 of 1600" in resumed_output
+    resumed = torch.load(two_processes / "models/transfer_set.pt", weights_only=True)
+    assert torch.equal(resumed["images"], unbroken["images"]), "a resumed split run ends as an unbroken one"
+
+
+def test_more_processes_than_cores_is_refused_before_any_work(two_processes):
+    set_params(two_processes, {"distributed": {"processes": len(os.sched_getaffinity(0)) + 1}})
+    result = run([sys.executable, "-m", "stages.distill"], two_processes, check=False)
+    assert result.returncode == 2
+    assert "distributed.processes is" in result.stderr and "CPU cores of this machine" in result.stderr
