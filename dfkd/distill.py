@@ -75,7 +75,7 @@ def distill(
     """
     teacher = on_device(teacher, device).eval()
     student = on_device(student, device)
-    # A transfer set that learns against the student (dfkd.synthesis.dfad) takes its step here.
+    # A transfer set that learns against the student (dfad, fast_dfkd) takes its step here.
     adversarial = hasattr(transfer_set, "adversarial_step")
     if config.pool_size and adversarial:
         raise ValueError("pool_size must be 0 for an adversarial transfer set: a pool would stop its game")

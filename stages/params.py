@@ -17,6 +17,7 @@ from dfkd.inputs import InputSpec
 from dfkd.synthesis.dafl import DAFLConfig
 from dfkd.synthesis.deepinversion import DeepInversionConfig
 from dfkd.synthesis.dfad import DFADConfig
+from dfkd.synthesis.fast_dfkd import FastDFKDConfig
 from dfkd.synthesis.zskd import ZSKDConfig
 from dfkd.train import TeacherTrainConfig
 from dfkd.zoo import ARCHITECTURES, ModelConfig, has_batch_norm
@@ -74,15 +75,21 @@ class TeacherParams(Strict):
 
 
 # The options of each synthesis method; every section may be present, only `method`'s is used.
-METHOD_OPTIONS = {"dafl": DAFLConfig, "zskd": ZSKDConfig, "deepinversion": DeepInversionConfig, "dfad": DFADConfig}
+METHOD_OPTIONS = {
+    "dafl": DAFLConfig, "zskd": ZSKDConfig, "deepinversion": DeepInversionConfig, "dfad": DFADConfig,
+    "fast_dfkd": FastDFKDConfig,
+}
+# Those that match the teacher's batch-norm statistics.
+BATCH_NORM_METHODS = ("deepinversion", "fast_dfkd")
 
 
 class SynthesizeParams(Strict):
-    method: Literal["dafl", "zskd", "deepinversion", "dfad"] = "dafl"  # METHOD_OPTIONS' names
+    method: Literal["dafl", "zskd", "deepinversion", "dfad", "fast_dfkd"] = "dafl"  # METHOD_OPTIONS' names
     dafl: DAFLConfig = DAFLConfig()
     zskd: ZSKDConfig = ZSKDConfig()
     deepinversion: DeepInversionConfig = DeepInversionConfig()
     dfad: DFADConfig = DFADConfig()
+    fast_dfkd: FastDFKDConfig = FastDFKDConfig()
 
 
 class DistillParams(DistillSchedule):
@@ -105,11 +112,13 @@ class DistillParams(DistillSchedule):
         steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
     )
     dfad: TransferRecipe = TransferRecipe(steps=3000, temperature=1.0)
+    fast_dfkd: TransferRecipe = TransferRecipe(steps=3000, temperature=20.0, augment_shift=2.0)
 
     @model_validator(mode="after")
     def check_adversarial_pool(self):
-        if self.dfad.pool_size:
-            raise ValueError("dfad.pool_size must be 0: the generator learns against the student at every step")
+        for method in ("dfad", "fast_dfkd"):
+            if getattr(self, method).pool_size:
+                raise ValueError(f"{method}.pool_size must be 0: its synthesis learns against the student as it distils")
         return self
 
     def config(self, method: str) -> DistillConfig:
@@ -232,11 +241,11 @@ class Params(Strict):
     @model_validator(mode="after")
     def check_batch_norm_teacher(self):
         # Known from the zoo before the teacher is trained; a checkpoint's is checked when it is read.
-        if self.synthesize.method == "deepinversion" and self.teacher.source == "train":
+        if self.synthesize.method in BATCH_NORM_METHODS and self.teacher.source == "train":
             teacher = ModelConfig(architecture=self.teacher.architecture, options=self.teacher.options)
             if not has_batch_norm(teacher):
                 raise ValueError(
-                    f"synthesize.method deepinversion matches the teacher's batch-norm statistics, and "
+                    f"synthesize.method {self.synthesize.method} matches the teacher's batch-norm statistics, and "
                     f"teacher.architecture {self.teacher.architecture} has no batch norm (with batch norm: "
                     f"{', '.join(name for name in ARCHITECTURES if has_batch_norm(ModelConfig(architecture=name)))})"
                 )

@@ -20,10 +20,12 @@ TINY_PARAMS = {
         "zskd": {"impressions": 40, "batch_size": 20, "steps": 5},  # used once a test selects zskd
         "deepinversion": {"images": 40, "batch_size": 20, "steps": 5},  # with a batch-norm teacher
         "dfad": {"batch_size": 32, "generator_width": 8},
+        "fast_dfkd": {"batch_size": 16, "generator_width": 8, "latent_dim": 16, "warmup_rounds": 2, "inner_steps": 2,
+                      "student_steps": 4},
     },
     "distill": {
         "batch_size": 64, "dafl": {"steps": 12, "pool_size": 256}, "zskd": {"steps": 12}, "deepinversion": {"steps": 12},
-        "dfad": {"steps": 12},
+        "dfad": {"steps": 12}, "fast_dfkd": {"steps": 12},
     },
     "evaluate": {"latency_repeats": 3},
 }

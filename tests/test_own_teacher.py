@@ -24,6 +24,7 @@ from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, se
 from dfkd.inputs import InputSpec
 from dfkd.synthesis.deepinversion import InversionTransferSet
 from dfkd.synthesis.dfad import AdversarialGenerator
+from dfkd.synthesis.fast_dfkd import MetaGeneratorPool
 from dfkd.synthesis.methods import load_transfer_set
 from dfkd.zoo import ModelConfig, build_model
 
@@ -121,17 +122,21 @@ def test_an_own_teacher_on_rgb_data_is_distilled_with_each_method_and_served(tmp
     dafl_onnx = (root / "models/student.onnx").read_bytes()
 
     students, transfer_sets = {dafl_onnx}, {}
-    for method in ("zskd", "deepinversion", "dfad"):
+    for method in ("zskd", "deepinversion", "dfad", "fast_dfkd"):
         params["synthesize"]["method"] = method
         set_params(root, params)
         output = run([str(BIN / "dvc"), "repro"], root).stdout
         assert "Running stage 'train_teacher'" not in output and "Running stage 'synthesize'" in output, method
         students.add((root / "models/student.onnx").read_bytes())
         transfer_sets[method] = load_transfer_set(root / "models/transfer_set.pt", torch.device("cpu"), SPEC)
-    assert len(students) == 4
+    assert len(students) == 5
     inversions = transfer_sets["deepinversion"]
     assert isinstance(inversions, InversionTransferSet) and inversions.images.shape == (24, *SPEC.shape)
     assert isinstance(transfer_sets["dfad"], AdversarialGenerator)
+    warmup = params["synthesize"]["fast_dfkd"]
+    pool = transfer_sets["fast_dfkd"]  # what synthesize made: the warm-up rounds' images
+    assert isinstance(pool, MetaGeneratorPool)
+    assert pool.pool.shape == (warmup["warmup_rounds"] * warmup["batch_size"], *SPEC.shape)
 
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["test_size"] == 18  # 20% of 90 images, stratified

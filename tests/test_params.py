@@ -61,11 +61,15 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ({"train_teacher": {"epochs": "many"}}, r"train_teacher.epochs: Input should be a valid integer"),
         ({"distill": {"stepz": 10}}, r"distill.stepz: unknown key"),
         ({"extra_section": {}}, r"extra_section: unknown key"),
-        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl', 'zskd', 'deepinversion' or 'dfad' \(got 'magic'\)"),
+        ({"synthesize": {"method": "magic"}}, r"synthesize.method: Input should be 'dafl', 'zskd', 'deepinversion', 'dfad' or 'fast_dfkd' \(got 'magic'\)"),
         (
             {"synthesize": {"method": "deepinversion"}},
             r"synthesize.method deepinversion matches the teacher's batch-norm statistics, and teacher.architecture "
             r"lenet5 has no batch norm \(with batch norm: resnet8, resnet18",
+        ),
+        (
+            {"synthesize": {"method": "fast_dfkd"}},
+            r"synthesize.method fast_dfkd matches the teacher's batch-norm statistics, and teacher.architecture lenet5",
         ),
         (
             {"synthesize": {"dafl": {"temperature": 20}}},
@@ -74,16 +78,17 @@ def test_the_method_selects_the_distillation_recipe_with_the_shared_optimiser():
         ),
         (
             {"synthesize": {"zskd": {"generator_width": 8}}},
-            r"synthesize.zskd.generator_width: unknown key: 'generator_width' is a dafl/dfad option, not a zskd one "
-            r"\(set synthesize.dafl.generator_width or synthesize.dfad.generator_width\)",
+            r"synthesize.zskd.generator_width: unknown key: 'generator_width' is a dafl/dfad/fast_dfkd option, not a "
+            r"zskd one \(set synthesize.dafl.generator_width or synthesize.dfad.generator_width or "
+            r"synthesize.fast_dfkd.generator_width\)",
         ),
         ({"synthesize": {"impressions": 10}}, r"synthesize.impressions: unknown key: 'impressions' is a zskd option"),
         ({"synthesize": {"zskd": {"scales": [1.0, -0.1]}}}, r"synthesize.zskd.scales.1: Input should be greater than 0"),
         (
             {"distill": {"temperature": 4}},
             r"distill.temperature: unknown key: 'temperature' is set per synthesis method "
-            r"\(distill.dafl.temperature, distill.zskd.temperature, distill.deepinversion.temperature and "
-            r"distill.dfad.temperature\)",
+            r"\(distill.dafl.temperature, distill.zskd.temperature, distill.deepinversion.temperature, "
+            r"distill.dfad.temperature and distill.fast_dfkd.temperature\)",
         ),
         ({"distill": {"zskd": {"lr": 0.1}}}, r"distill.zskd.lr: unknown key: 'lr' is shared by every synthesis"),
         ({"distill": {"steps": 10}}, r"distill.steps: unknown key: 'steps' is set per synthesis method \(distill.dafl.steps, distill.zskd.steps,"),

@@ -3,8 +3,8 @@
 The interface is small: a method trains or optimises something from the teacher and returns a
 `TransferSet`, whose `sample(batch_size)` gives images in the teacher's normalised input space.
 Distillation only ever sees a `TransferSet`, so a new method is one new file. A method whose
-synthesis needs the student (DFAD) returns one that also has `adversarial_step(student, teacher,
-step)`, which distillation calls every `every` student steps.
+synthesis needs the student (DFAD, Fast-DFKD) returns one that also has `adversarial_step(student,
+teacher, step)`, which distillation calls every `every` student steps.
 """
 
 from typing import Protocol

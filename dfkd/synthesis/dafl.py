@@ -34,6 +34,13 @@ class DAFLConfig(BaseModel):
     entropy_weight: float = Field(5.0, ge=0)
 
 
+def load_generator(payload: dict) -> Generator:
+    """The generator saved by `GeneratorTransferSet.to_checkpoint` (or a subclass's)."""
+    generator = Generator(**payload["architecture"])
+    generator.load_state_dict(payload["state_dict"])
+    return generator
+
+
 class GeneratorTransferSet:
     """Fresh generator samples for every batch."""
 
@@ -55,9 +62,7 @@ class GeneratorTransferSet:
 
     @classmethod
     def from_checkpoint(cls, payload: dict, device: torch.device) -> "GeneratorTransferSet":
-        generator = Generator(**payload["architecture"])
-        generator.load_state_dict(payload["state_dict"])
-        return cls(generator, device)
+        return cls(load_generator(payload), device)
 
     @torch.no_grad()
     def generate(self, latent: torch.Tensor) -> torch.Tensor:

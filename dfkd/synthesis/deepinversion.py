@@ -51,20 +51,31 @@ class DeepInversionConfig(BaseModel):
     noise: Literal["uniform", "normal"] = "normal"  # the starting images (dfkd/synthesis/zskd.py)
 
 
-def batch_norm_loss(teacher: Teacher, images: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits on `images`, and the sum over its batch-norm `layers` of the distances
-    between the batch mean and variance of each layer's input and the layer's running ones."""
+def batch_statistics(
+    teacher: Teacher, images: torch.Tensor, layers: list[str]
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The teacher's logits on `images`, and the per-channel mean and variance of what each of its
+    batch-norm `layers` receives."""
     with teacher.capture(layers, inputs=True) as received:
         logits = teacher(images)
-    total = logits.new_zeros((), dtype=torch.float32)
+    statistics = {}
     for name in layers:
         features = received[name].float()
         dims = [0, *range(2, features.ndim)]  # every axis but the channels
-        mean, variance = features.mean(dim=dims), features.var(dim=dims, unbiased=False)
-        layer = teacher.layers[name]
-        total = total + torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(
-            variance - layer.running_var
-        )
+        statistics[name] = features.mean(dim=dims), features.var(dim=dims, unbiased=False)
+    return logits, statistics
+
+
+def distance_to_running(teacher: Teacher, name: str, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    layer = teacher.layers[name]
+    return torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(variance - layer.running_var)
+
+
+def batch_norm_loss(teacher: Teacher, images: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits on `images`, and the sum over its batch-norm `layers` of the distances
+    between the batch mean and variance of each layer's input and the layer's running ones."""
+    logits, statistics = batch_statistics(teacher, images, layers)
+    total = sum(distance_to_running(teacher, name, *moments) for name, moments in statistics.items())
     return logits, total
 
 

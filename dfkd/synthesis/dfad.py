@@ -18,7 +18,7 @@ from torch import nn
 from dfkd.checkpoint import ResumeState
 from dfkd.models import Generator
 from dfkd.runtime import autocast, check_finite, grad_scaler
-from dfkd.synthesis.dafl import GeneratorTransferSet
+from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
 from dfkd.teacher import Teacher
 
 
@@ -80,9 +80,7 @@ class AdversarialGenerator(GeneratorTransferSet):
 
     @classmethod
     def from_checkpoint(cls, payload: dict, device: torch.device) -> "AdversarialGenerator":
-        generator = Generator(**payload["architecture"])
-        generator.load_state_dict(payload["state_dict"])
-        return cls(generator, DFADConfig(**payload["game"]), device)
+        return cls(load_generator(payload), DFADConfig(**payload["game"]), device)
 
 
 def synthesize(

@@ -9,7 +9,7 @@ import torch
 
 from dfkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfkd.inputs import InputSpec
-from dfkd.synthesis import TransferSet, dafl, deepinversion, dfad, zskd
+from dfkd.synthesis import TransferSet, dafl, deepinversion, dfad, fast_dfkd, zskd
 
 
 class Method(NamedTuple):
@@ -26,6 +26,8 @@ METHODS = {
     ),
     # The generator's starting point only: its game against the student is played in distill.
     "dfad": Method(dfad.synthesize, dfad.AdversarialGenerator, dafl.save_figures),
+    # The warm-up rounds only: the rounds against the student run in distill.
+    "fast_dfkd": Method(fast_dfkd.synthesize, fast_dfkd.MetaGeneratorPool, fast_dfkd.save_figures),
 }
 
 
