@@ -55,7 +55,7 @@ class FastDFKDConfig(BaseModel):
     lr: float = Field(3e-3, gt=0)  # Adam, the round's copy of the generator
     latent_lr: float = Field(0.01, gt=0)  # Adam, the round's latent batch (the paper: 0.01)
     meta_lr: float = Field(0.5, gt=0, le=1)  # the share of the way the meta generator moves to the copy
-    student_steps: int = Field(50, gt=0)  # student steps a round, in distill
+    student_steps: int = Field(25, gt=0)  # student steps a round, in distill
     batch_norm_weight: float = Field(10.0, ge=0)  # the paper's CIFAR weights, as DeepInversion's
     one_hot_weight: float = Field(0.5, ge=0)
     adversarial_weight: float = Field(1.1, ge=0)
