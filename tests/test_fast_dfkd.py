@@ -69,6 +69,13 @@ def test_a_round_adds_its_best_batch_and_moves_the_meta_generator_leaving_the_st
         assert torch.equal(value, student_before[name]), name
 
 
+def test_the_pool_keeps_the_latest_images_up_to_its_capacity():
+    pool = synthesize(resnet_teacher(), ROUNDS.model_copy(update={"pool_capacity": 30}), CPU)
+    assert pool.pool.shape == (30, *SPEC.shape) and pool.pool_targets.shape == (30,)
+    full = synthesize(resnet_teacher(), ROUNDS, CPU)  # the same rounds: the same seed, the same images
+    assert torch.equal(pool.pool, full.pool[-30:])
+
+
 def test_the_warm_up_rounds_lower_the_batch_norm_term():
     teacher = resnet_teacher()
     logged = []

@@ -11,7 +11,8 @@ starting point from which a few steps reach a good batch. Each synthesis round
    (`batch_norm_momentum`: the pool as a whole, not each batch, should have the training statistics),
    and L_adv = -KL(teacher || student) on the images where the two still agree on the class
    (DFAD's game, without the images the student already gets wrong, which it cannot learn from);
-2. adds the batch of the step with the lowest loss to the pool, the transfer set;
+2. adds the batch of the step with the lowest loss to the pool, the transfer set (the latest
+   `pool_capacity` images);
 3. moves the meta generator part of the way to the copy (Reptile, `meta_lr`).
 The student learns in between, `student_steps` steps on pool samples for each round. So synthesis
 needs the student: the synthesize stage runs the `warmup_rounds` that do not (no adversarial term)
@@ -56,6 +57,9 @@ class FastDFKDConfig(BaseModel):
     latent_lr: float = Field(0.01, gt=0)  # Adam, the round's latent batch (the paper: 0.01)
     meta_lr: float = Field(0.5, gt=0, le=1)  # the share of the way the meta generator moves to the copy
     student_steps: int = Field(25, gt=0)  # student steps a round, in distill
+    # The pool keeps the latest images up to this many, dropping the earliest rounds' (the worst):
+    # a long run on RGB images would otherwise fill the memory (50,000: CIFAR's training set).
+    pool_capacity: int = Field(50_000, gt=0)
     batch_norm_weight: float = Field(10.0, ge=0)  # the paper's CIFAR weights, as DeepInversion's
     one_hot_weight: float = Field(0.5, ge=0)
     adversarial_weight: float = Field(1.1, ge=0)
@@ -140,14 +144,14 @@ class MetaGeneratorPool(GeneratorTransferSet):
             for meta, fitted in zip(self.generator.buffers(), generator.buffers()):
                 meta.copy_(fitted)
         loss, images, self.memory, terms = best
-        self.pool = torch.cat([self.pool, images.cpu()])
-        self.pool_targets = torch.cat([self.pool_targets, targets.cpu()])
+        self.pool = torch.cat([self.pool, images.cpu()])[-config.pool_capacity:]
+        self.pool_targets = torch.cat([self.pool_targets, targets.cpu()])[-config.pool_capacity:]
         return {"synthesis_loss": loss, **{f"synthesis_{name}": value for name, value in terms.items()},
                 "pool_size": float(len(self.pool))}
 
     def adversarial_step(self, student: nn.Module, teacher: nn.Module, step: int) -> dict[str, float]:
-        """A round against the student as it is at student step `step` (in eval mode: its batch
-        statistics are not the teacher's business), which is then put back in the mode it was in."""
+        """A round against the student as it is at student step `step`, in eval mode so that the
+        round's images do not move its batch-norm statistics; then back in the mode it was in."""
         training = student.training
         student.eval()
         try:
