@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +35,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
-from benchmarks.report import machine, write_section  # noqa: E402
+from benchmarks.report import measure, write_section  # noqa: E402
 from benchmarks.zskd_vs_dafl import METHOD_STAGES, METHODS, NAMES, metrics_of, spread  # noqa: E402
 from pipeline.flow import apply_overrides, overridden, parse_overrides  # noqa: E402
 from stages.params import ParamsError  # noqa: E402
@@ -99,23 +98,28 @@ def run_teacher(seed: int, teacher: str, methods: list[str], settings: dict) -> 
         apply_overrides(settings, root / "params.yaml")
         run_stage(root, "prepare", label)
         teacher_seconds = run_stage(root, "train_teacher", label)["seconds"]
-        runs = {}
-        for method in methods:
-            apply_overrides({"synthesize.method": method}, root / "params.yaml")
-            stages = {stage: run_stage(root, stage, f"{label} {method}") for stage in METHOD_STAGES}
-            metrics = metrics_of(root)
-            runs[method] = {
-                "synthesis_seconds": stages["synthesize"]["seconds"],
-                "distillation_seconds": stages["distill"]["seconds"],
-                "teacher": metrics["teacher"]["accuracy"],
-                "student": metrics["student"]["accuracy"],
-                "gap": metrics["student"]["gap_to_teacher"],
-                "above_floor": metrics["student_above_noise"],
-                "floor": metrics["baseline_noise"]["accuracy"],
-                "ceiling": metrics["baseline_real"]["accuracy"],
-                "test_size": metrics["test_size"],
-            }
+        runs = {method: run_method(root, method, label) for method in methods}
     return {"seed": seed, "teacher_seconds": teacher_seconds, "runs": runs}
+
+
+def run_method(root: Path, method: str, label: str) -> dict:
+    """One method's stages in `root`, whose teacher is trained: synthesize, distill, both baselines,
+    export and evaluate; its figures."""
+    apply_overrides({"synthesize.method": method}, root / "params.yaml")
+    stages = {stage: run_stage(root, stage, f"{label} {method}") for stage in METHOD_STAGES}
+    metrics = metrics_of(root)
+    return {
+        "synthesis_seconds": stages["synthesize"]["seconds"],
+        "distillation_seconds": stages["distill"]["seconds"],
+        "stage_seconds": sum(stage["seconds"] for stage in stages.values()),
+        "teacher": metrics["teacher"]["accuracy"],
+        "student": metrics["student"]["accuracy"],
+        "gap": metrics["student"]["gap_to_teacher"],
+        "above_floor": metrics["student_above_noise"],
+        "floor": metrics["baseline_noise"]["accuracy"],
+        "ceiling": metrics["baseline_real"]["accuracy"],
+        "test_size": metrics["test_size"],
+    }
 
 
 def described(architecture: str, options: dict) -> str:
@@ -229,19 +233,9 @@ def main() -> None:
     recorded = load_recorded(args.results, settings, args.methods)
     if not args.seeds and not recorded["results"]:
         fail("no seeds to run and no results recorded: pass --seeds, or --results with a file of measured seeds")
-    for seed in args.seeds:
-        for teacher in args.teachers:
-            result = run_teacher(seed, teacher, args.methods, settings[teacher])
-            recorded["results"].setdefault(teacher, {})[str(seed)] = {
-                **result, "date": date.today().isoformat(), "machine": machine()
-            }
-            if args.results:  # after every teacher: an interrupted benchmark keeps what it measured
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                args.results.write_text(json.dumps(recorded, indent=1))
-    results = {
-        teacher: sorted(recorded["results"][teacher].values(), key=lambda result: result["seed"])
-        for teacher in TEACHERS if teacher in recorded["results"]
-    }
+    measured = measure(recorded, args.seeds, args.teachers,
+                       lambda seed, teacher: run_teacher(seed, teacher, args.methods, settings[teacher]), args.results)
+    results = {teacher: measured[teacher] for teacher in TEACHERS if teacher in measured}
 
     test_size = next(iter(results.values()))[0]["runs"][args.methods[0]]["test_size"]
     seeds = ", ".join(str(seed) for seed in sorted({result["seed"] for rs in results.values() for result in rs}))

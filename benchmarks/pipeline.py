@@ -53,13 +53,14 @@ def fresh_copy(destination: Path, seed: int) -> Path:
     return destination
 
 
-def run_stage(root: Path, stage: str, label: str) -> dict:
-    """One DVC stage in its own process (`dvc repro --single-item`): wall seconds and peak RSS."""
+def run_stage(root: Path, stage: str, label: str, force: bool = False) -> dict:
+    """One DVC stage in its own process (`dvc repro --single-item`, with `force` even if it is up to
+    date): wall seconds and peak RSS."""
     environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
     environment.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", stage],
+        [sys.executable, "-c", MEASURE, str(BIN / "dvc"), "repro", "--single-item", *(["--force"] if force else []), stage],
         cwd=root, env=environment, capture_output=True, text=True,
     )
     if done.returncode:

@@ -1,7 +1,11 @@
-"""What every benchmark script shares: the machine line and its own section of BENCHMARKS.md."""
+"""What every benchmark script shares: the machine line, its own section of BENCHMARKS.md and the
+results kept seed by seed."""
 
+import json
 import os
 import platform
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -28,3 +32,19 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def measure(recorded: dict, seeds: list[int], names: list[str], run: Callable[[int, str], dict],
+            path: Path | None) -> dict[str, list[dict]]:
+    """`run(seed, name)` for every seed and name (a teacher, a setting), each result kept in
+    `recorded["results"][name][seed]` with the date and the machine and, after each, saved to `path`
+    (so an interrupted benchmark keeps what it measured); every name's results so far, by seed."""
+    for seed in seeds:
+        for name in names:
+            recorded["results"].setdefault(name, {})[str(seed)] = {
+                **run(seed, name), "date": date.today().isoformat(), "machine": machine()
+            }
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(recorded, indent=1))
+    return {name: sorted(results.values(), key=lambda result: result["seed"]) for name, results in recorded["results"].items()}

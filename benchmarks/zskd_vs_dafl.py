@@ -34,9 +34,11 @@ from stages.params import load_params  # noqa: E402
 
 METHODS = ("dafl", "zskd")
 METHOD_STAGES = ("synthesize", "distill", "baseline_noise", "baseline_real", "export", "evaluate")
-# The knob that sets how long each method's synthesis runs, scaled for the equal-time run.
-SYNTHESIS_LENGTH = {"dafl": "steps", "zskd": "impressions"}
-NAMES = {"dafl": "DAFL", "zskd": "ZSKD"}
+# The knob that sets how long each method's synthesis runs, scaled for an equal-time run (DFAD's
+# synthesis is all in distill: its student steps are what scale).
+SYNTHESIS_LENGTH = {"dafl": "steps", "zskd": "impressions", "deepinversion": "images", "dfad": None,
+                    "fast_dfkd": "warmup_rounds"}
+NAMES = {"dafl": "DAFL", "zskd": "ZSKD", "deepinversion": "DeepInversion", "dfad": "DFAD", "fast_dfkd": "Fast-DFKD"}
 
 
 def metrics_of(root: Path) -> dict:
