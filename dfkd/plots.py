@@ -1,4 +1,5 @@
-"""Figures people look at: image grids by class, training curves, confusion matrices (PNG files)."""
+"""Figures people look at: image grids by class, training curves, confusion matrices, comparisons
+(PNG files)."""
 
 import os
 
@@ -93,5 +94,18 @@ def save_matrix(
     axis.set_yticks(range(matrix.shape[0]))
     axis.set_xlabel(axis_labels[0])
     axis.set_ylabel(axis_labels[1])
+    axis.set_title(title)
+    _save(figure, path)
+
+
+def save_comparison(labels: list[str], values: dict[str, list[float]], path: str | os.PathLike, title: str) -> None:
+    """Several series (e.g. student and teacher accuracy) side by side for each label, as grouped bars."""
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.5))
+    width = 0.8 / len(values)
+    for offset, (name, series) in enumerate(values.items()):
+        axis.bar(np.arange(len(labels)) + (offset - (len(values) - 1) / 2) * width, series, width, label=name)
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
     axis.set_title(title)
     _save(figure, path)

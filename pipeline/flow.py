@@ -26,7 +26,9 @@ from io import StringIO
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -39,7 +41,7 @@ from pipeline.summary import amalgamation_table, load_amalgamation_metrics, load
 from stages.params import PARAMS_FILE, ROOT, ParamsError, load_params, validate_params
 from stages.amalgamate_evaluate import headline_metrics as amalgamation_headline_metrics
 from stages.evaluate import headline_metrics
-from stages.tracking import PARENT_RUN_ENV, PROCESS_TAG, STAGE_TAG, configure, process_id
+from stages.tracking import PARENT_RUN_ENV, PROCESS_TAG, STAGE_TAG, TrackingError, configure, process_id, tracking_uri
 
 STAGES = [
     "prepare",
@@ -115,6 +117,28 @@ class StageOutcome(NamedTuple):
     ran: bool  # False: DVC found it up to date or restored its outputs from the run-cache
 
 
+class RemoteError(RuntimeError):
+    """The project's DVC remote cannot be reached; the message names it."""
+
+
+def dvc_remote() -> str | None:
+    """The project's default DVC remote, once it answers; None when it has none. With one, every
+    stage first restores what a run elsewhere pushed, and the flow pushes what it ran."""
+    with Repo(ROOT) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            return None
+        url = repo.config["remote"].get(name, {}).get("url")
+        try:
+            remote = repo.cloud.get_remote(name)
+            found = remote.fs.exists(remote.path)
+        except Exception as error:  # noqa: BLE001 - each storage (S3, SSH, ...) raises its own errors
+            raise RemoteError(f"DVC remote '{name}' ({url}, .dvc/config core.remote): cannot be reached ({error})") from None
+    if not found and remote.fs.protocol == "local":  # an object store creates its prefix on the first push
+        raise RemoteError(f"DVC remote '{name}' ({url}, .dvc/config core.remote): the directory does not exist")
+    return name
+
+
 def lock_entry(stage: str) -> dict | None:
     """The stage's entry in its dvc.lock: what DVC recorded of its deps and outputs."""
     dvc_file, _, name = stage.rpartition(":")
@@ -123,16 +147,21 @@ def lock_entry(stage: str) -> dict | None:
     return (lock or {}).get("stages", {}).get(name)
 
 
+def dvc_command(*arguments: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "dvc"), *arguments]
+
+
 @task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")
-def run_stage(stage: str, parent_run_id: str) -> StageOutcome:
-    """Run one DVC stage in its own process (quiet: the stage's own output, none of DVC's advice)."""
+def run_stage(stage: str, parent_run_id: str, pull: bool = False) -> StageOutcome:
+    """Run one DVC stage in its own process (quiet: the stage's own output, none of DVC's advice);
+    with `pull`, first restore it from the DVC remote if a run elsewhere pushed it."""
     logger = get_run_logger()
     start = time.perf_counter()
     bin_dir = Path(sys.executable).parent  # dvc.yaml's `python -m stages...` must be this environment's
     environment = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    dvc = bin_dir / "dvc"
     recorded = lock_entry(stage)
-    completed = subprocess.run([str(dvc), "repro", "--quiet", "--single-item", stage], cwd=ROOT, env=environment)
+    pulling = ["--pull"] if pull else []
+    completed = subprocess.run(dvc_command("repro", "--quiet", "--single-item", *pulling, stage), cwd=ROOT, env=environment)
     elapsed = time.perf_counter() - start
     if completed.returncode:
         raise RuntimeError(f"stage '{stage}' failed (dvc exit code {completed.returncode}); its error is above")
@@ -151,6 +180,14 @@ def run_stage(stage: str, parent_run_id: str) -> StageOutcome:
     return StageOutcome(elapsed, ran)
 
 
+@task(retries=2, retry_delay_seconds=5, task_run_name="push")
+def push_outputs(stages: list[str], remote: str) -> None:
+    """Push the stages' outputs and run-cache entries to the DVC remote, for runs elsewhere to restore."""
+    completed = subprocess.run(dvc_command("push", "--quiet", "--run-cache", *stages), cwd=ROOT)
+    if completed.returncode:
+        raise RuntimeError(f"dvc push to remote '{remote}' failed (exit code {completed.returncode}); its error is above")
+
+
 @task(task_run_name="promote")
 def promote_student(parent_run_id: str) -> Promotion:
     """The quality gate (pipeline/promote.py): move the serving alias, or say why not."""
@@ -163,16 +200,22 @@ def promote_student(parent_run_id: str) -> Promotion:
 
 
 @flow(name="data-free-distillation")
-def pipeline(overrides: dict[str, object] | None = None, variant: Literal["distillation", "amalgamation"] = "distillation") -> dict:
+def pipeline(
+    overrides: dict[str, object] | None = None,
+    variant: Literal["distillation", "amalgamation"] = "distillation",
+    sweep_run_id: str | None = None,
+) -> dict:
     """Run every stage of the variant (the distillation pipeline, or the amalgamation one) and, for the
     distillation pipeline, the promotion gate; return the metrics of its evaluate stage with each
-    stage's wall time (and the gate's outcome)."""
+    stage's wall time (and the gate's outcome). A sweep (pipeline/sweep.py) passes its MLflow run,
+    under which this run's is nested."""
     for name in crash_abandoned_flow_runs():
         get_run_logger().warning("flow run %s was left running by a killed process: marked CRASHED", name)
     chosen = VARIANTS[variant]
     apply_overrides(overrides or {})
     params = load_params()  # fails here, before any work, on an invalid params.yaml
-    experiment_id = configure(params.mlflow.experiment)
+    experiment_id = configure(params.mlflow.experiment)  # and on a tracking server that does not answer
+    remote = dvc_remote()
     client = MlflowClient()
     parent = client.create_run(
         experiment_id,
@@ -182,11 +225,14 @@ def pipeline(overrides: dict[str, object] | None = None, variant: Literal["disti
             "overrides": repr(overrides or {}),
             "variant": variant,
             PROCESS_TAG: process_id(),  # a killed flow's parent then ends KILLED at the next stage start
+            **({MLFLOW_PARENT_RUN_ID: sweep_run_id} if sweep_run_id else {}),
         },
     ).info.run_id
     status = "FAILED"
     try:
-        outcomes = {stage.rpartition(":")[2]: run_stage(stage, parent) for stage in chosen.stages}
+        outcomes = {stage.rpartition(":")[2]: run_stage(stage, parent, pull=bool(remote)) for stage in chosen.stages}
+        if remote:
+            push_outputs(chosen.stages, remote)
         promotion = promote_student(parent) if chosen.gated else None
         metrics = chosen.load_metrics()
         metrics["stage_seconds"] = {stage: outcome.seconds for stage, outcome in outcomes.items()}
@@ -245,7 +291,9 @@ def main() -> None:
     try:  # a mistake costs one line here, before Prefect starts, not a failed flow run
         overrides = {**(preset_overrides(args.preset) if args.preset else {}), **parse_overrides(args.set_param)}
         overridden(overrides)
-    except ParamsError as error:
+        tracking_uri()
+        dvc_remote()
+    except (ParamsError, TrackingError, RemoteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     metrics = pipeline(overrides=overrides, variant=args.variant)

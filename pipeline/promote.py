@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.summary import METRICS_FILE
 from stages.export import ONNX_PATH, ONNX_SHA256_TAG, OUT as EXPORT_REPORTS
 from stages.params import Params, ParamsError, PromoteParams, load_params
-from stages.tracking import configure
+from stages.tracking import TrackingError, configure
 
 GATE_TAG = "dfkd.gate"
 REASONS_TAG = "dfkd.gate_reasons"
@@ -118,7 +118,7 @@ def promote(
 def main() -> None:
     try:
         promotion = promote(load_params())
-    except (ParamsError, PromotionError) as error:
+    except (ParamsError, PromotionError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(promotion.report())

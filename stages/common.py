@@ -21,6 +21,7 @@ from dfkd.inputs import InputSpec
 from dfkd.runtime import DivergedError, resolve_device, seed_everything
 from dfkd.teacher import TeacherError
 from stages.params import ROOT, Params, ParamsError, load_params
+from stages.tracking import TrackingError
 
 PREPARED = ROOT / "data" / "prepared"
 MODELS = ROOT / "models"
@@ -151,15 +152,17 @@ def stage_resume(stage: str, every: int, file_name: str | None = None) -> Resume
 def run(main: Callable[[], None], data_parallel: bool = False) -> None:
     """Run a stage's main, as several processes if it is `data_parallel` and params.yaml asks for
     them (`launch_data_parallel`); bad input (params, data, checkpoints, a teacher that the synthesis
-    method cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, or an
-    output that cannot be written (disk full, read-only folder) ends it with a one-line error naming
-    the key, file or step and exit code 2, instead of a traceback."""
+    method cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, an
+    output that cannot be written (disk full, read-only folder) or a tracking server that does not
+    answer ends it with a one-line error naming the key, file or step and exit code 2, instead of a
+    traceback."""
     try:
         if data_parallel:
             launch_data_parallel()
         main()
     except (
-        ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, DivergedError
+        ParamsError, DataError, CheckpointError, OutputError, TeacherError, AmalgamationError, ParityError, DivergedError,
+        TrackingError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

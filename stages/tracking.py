@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import mlflow
 import psutil
 from mlflow.exceptions import MlflowException
@@ -41,14 +42,42 @@ STAGE_TAG = "dfkd.stage"  # on each stage's nested run: the DVC stage name
 PROCESS_TAG = "dfkd.process"  # on every run: the process whose end ends the run (host:pid:start time)
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the setting."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, checked when it names a server, or the project's own SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{ROOT / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two links at every run's end
+        try:  # a quick answer now: MLflow's own client retries a lost server for minutes
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as error:
+            raise TrackingError(f"MLFLOW_TRACKING_URI={uri}: no MLflow tracking server answers there ({error})") from None
+    return uri
+
+
 def configure(experiment: str) -> str:
-    """Point MLflow at the project's store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}")
+    """Point MLflow at the tracking store and experiment; return the experiment id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found:
         experiment_id = found.experiment_id
     else:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=(ROOT / "mlartifacts").as_uri())
+        # The project's store keeps artifacts beside it; a shared one (a server) decides itself where.
+        own_store = not os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            experiment_id = mlflow.create_experiment(
+                experiment, artifact_location=(ROOT / "mlartifacts").as_uri() if own_store else None
+            )
+        except MlflowException as error:  # a concurrent run created it first
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_project, run
+from conftest import BIN, copy_project, free_port, run
 from pipeline.flow import STAGES, apply_overrides, parse_overrides
 from stages.params import ParamsError
 
@@ -79,3 +79,28 @@ def test_a_bad_override_is_one_line_and_exit_code_2_before_prefect_starts(tmp_pa
     result = run([sys.executable, "-m", "pipeline.flow", "-S", override], root, check=False)
     assert result.returncode == 2 and expected in result.stderr
     assert "Traceback" not in result.stderr and "prefect" not in (result.stdout + result.stderr).lower()
+
+
+def test_an_unreachable_tracking_server_or_dvc_remote_is_one_line_naming_it_before_prefect_starts(tmp_path):
+    root = copy_project(tmp_path, {})
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = run([sys.executable, "-m", "pipeline.flow"], root, check=False, MLFLOW_TRACKING_URI=nobody)
+    assert result.returncode == 2 and f"MLFLOW_TRACKING_URI={nobody}: no MLflow tracking server answers" in result.stderr
+    stage = run([sys.executable, "-m", "stages.prepare"], root, check=False, MLFLOW_TRACKING_URI=nobody)
+    assert stage.returncode == 2 and "no MLflow tracking server answers" in stage.stderr and "Traceback" not in stage.stderr
+
+    run([str(BIN / "dvc"), "remote", "add", "--default", "shared", str(tmp_path / "not-mounted")], root)
+    result = run([sys.executable, "-m", "pipeline.flow"], root, check=False)
+    assert result.returncode == 2 and "DVC remote 'shared'" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not (root / "mlflow.db").exists()
+
+
+def test_sweep_and_deploy_settings_are_checked_before_anything_starts(tmp_path):
+    root = copy_project(tmp_path, {})
+    bad_grid = run([sys.executable, "-m", "pipeline.sweep", "-G", "seed"], root, check=False)
+    assert bad_grid.returncode == 2 and "-G seed: not of the form key=value1,value2" in bad_grid.stderr
+    bad_value = run([sys.executable, "-m", "pipeline.sweep", "-G", "distill.lr=0.1,-1"], root, check=False)
+    assert bad_value.returncode == 2 and "distill.lr: Input should be greater than 0" in bad_value.stderr
+    for command in (["pipeline.sweep", "-G", "seed=0,1"], ["pipeline.deploy", "--pool", "dfkd-process"]):
+        no_server = run([sys.executable, "-m", *command], root, check=False)
+        assert no_server.returncode == 2 and "PREFECT_API_URL is not set" in no_server.stderr

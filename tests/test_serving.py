@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BIN, PROJECT
+from conftest import BIN, PROJECT, free_port
 from dfkd.data import load_split, to_model_input
 from dfkd.export import export_onnx, onnx_logits, onnx_session
 from dfkd.inputs import ONNX_METADATA_KEY, InputSpec
@@ -45,12 +45,6 @@ GRAYSCALE = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_
 # Colour images of one side only, resized to it, with statistics of their own per channel.
 RGB = InputSpec(channels=3, size=16, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26),
                 class_names=("airplane", "bird", "cat", "frog", "ship"), resize="bilinear")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def png_bytes(pixels: np.ndarray, **save) -> bytes:
