@@ -128,10 +128,11 @@ def main() -> None:
     outside = [run["flow"] - sum(run["stages"].values()) for run in worker]
     lines += [
         "",
-        f"- the worker picked each flow run up {mean([run['pickup'] for run in worker])} s after it was created "
-        "(it polls every 2 s here, `PREFECT_WORKER_QUERY_SECONDS`; Prefect's default is 10 s)",
-        f"- outside its stages a flow run spent {mean(outside)} s: clone, flow start, parent run, the promotion gate, "
-        "the summary",
+        f"- a flow run was running {mean([run['pickup'] for run in worker])} s after it was created: the worker's poll "
+        "(every 2 s here, `PREFECT_WORKER_QUERY_SECONDS`; Prefect's default is 10 s), the clone of the repository, "
+        "the start of the flow run's process and its imports",
+        f"- once running, it spent {mean(outside)} s outside its stages: the flow's start, its MLflow parent run, "
+        "the promotion gate, the summary",
     ]
     table = "\n".join(lines)
     print("\n" + table)
