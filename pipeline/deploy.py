@@ -18,9 +18,10 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 from prefect import flow
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runner.storage import GitRepository
 from prefect.settings import PREFECT_API_URL
@@ -44,18 +45,25 @@ def current_branch() -> str:
     return branch
 
 
-def check_work_pool(name: str) -> None:
-    """The pool must exist on the server: a deployment on a pool no worker serves would wait forever."""
+def found_on_server(read: Callable[[SyncPrefectClient], object], needing: str) -> bool:
+    """Whether `read` finds its object on the Prefect server; `needing` says what needs the server."""
     if not PREFECT_API_URL.value():
-        raise DeployError("PREFECT_API_URL is not set: a work pool lives on a Prefect server (`prefect server start`)")
+        raise DeployError(f"PREFECT_API_URL is not set: {needing} a Prefect server (`prefect server start`)")
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
+            read(client)
         except ObjectNotFound:
-            raise DeployError(
-                f"--pool {name}: no such work pool on {PREFECT_API_URL.value()}; "
-                f"create it with `prefect work-pool create {name} --type process`"
-            ) from None
+            return False
+    return True
+
+
+def check_work_pool(name: str) -> None:
+    """The pool must exist: a deployment on a pool that no worker serves would wait forever."""
+    if not found_on_server(lambda client: client.read_work_pool(name), "a work pool lives on"):
+        raise DeployError(
+            f"--pool {name}: no such work pool on {PREFECT_API_URL.value()}; "
+            f"create it with `prefect work-pool create {name} --type process`"
+        )
 
 
 def tracking_uri() -> str:

@@ -20,13 +20,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from ruamel.yaml import YAML, YAMLError
 
 from dfkd.plots import save_comparison
-from pipeline.deploy import DEPLOYMENT_NAME, DeployError
+from pipeline.deploy import DEPLOYMENT_NAME, DeployError, found_on_server
 from pipeline.flow import overridden, parse_overrides
 from stages.params import ParamsError, load_params
 from stages.tracking import TrackingError, configure, tracking_uri
@@ -116,15 +115,8 @@ def sweep(grid: dict[str, list], fixed: dict[str, object] | None = None, deploym
 
 
 def check_deployment(name: str) -> None:
-    if not PREFECT_API_URL.value():
-        raise DeployError("PREFECT_API_URL is not set: a sweep runs a deployment on a Prefect server")
-    with get_client(sync_client=True) as prefect:
-        try:
-            prefect.read_deployment_by_name(name)
-        except ObjectNotFound:
-            raise DeployError(
-                f"--deployment {name}: no such deployment on {PREFECT_API_URL.value()} (python -m pipeline.deploy)"
-            ) from None
+    if not found_on_server(lambda client: client.read_deployment_by_name(name), "a sweep runs a deployment on"):
+        raise DeployError(f"--deployment {name}: no such deployment on {PREFECT_API_URL.value()} (python -m pipeline.deploy)")
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list]:
