@@ -155,7 +155,7 @@ def run(main: Callable[[], None], data_parallel: bool = False) -> None:
     method cannot use, teachers that cannot be amalgamated, ONNX parity), a loss that diverged, an
     output that cannot be written (disk full, read-only folder) or a tracking server that does not
     answer ends it with a one-line error naming the key, file or step and exit code 2, instead of a
-    traceback."""
+    traceback; Ctrl-C, with one line and exit code 130."""
     try:
         if data_parallel:
             launch_data_parallel()
@@ -166,3 +166,7 @@ def run(main: Callable[[], None], data_parallel: bool = False) -> None:
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # its MLflow run is already ended KILLED (stages/tracking.py)
+        print("interrupted (Ctrl-C); a rerun continues from the last state the stage saved in .resume/, if it "
+              "keeps one", file=sys.stderr)
+        sys.exit(130)

@@ -35,18 +35,22 @@ def project(tmp_path_factory):
     return root
 
 
-def kill_distill_at_first_save(project, command: list[str], whole_group: bool = True) -> None:
-    """Start `command` (distill, by DVC or by hand) and SIGKILL it once the stage has saved its resume
-    state: the whole process group, or the first process alone (a dvc process killed in a terminal)."""
+def kill_distill_at_first_save(
+    project, command: list[str], whole_group: bool = True, signal_number: int = signal.SIGKILL
+) -> subprocess.CompletedProcess:
+    """Start `command` (distill, by DVC or by hand) and send it `signal_number` once the stage has saved
+    its resume state: the whole process group, or the first process alone (a dvc process killed in a
+    terminal); return how it ended."""
     (project / ".resume/distill.pt").unlink(missing_ok=True)
     process = subprocess.Popen(
-        command, cwd=project, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        command, cwd=project, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
     wait_for(lambda: (project / ".resume/distill.pt").exists() or process.poll() is not None)
     assert process.poll() is None, "distill ended before its first resume state"
-    (os.killpg if whole_group else os.kill)(process.pid, signal.SIGKILL)
-    process.wait()
+    (os.killpg if whole_group else os.kill)(process.pid, signal_number)
+    _, stderr = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, None, stderr)
 
 
 def curve_steps(project) -> list[int]:
@@ -140,3 +144,11 @@ def test_killed_runs_end_as_killed(project):
     wait_for(lambda: not (project / ".resume/distill.pt").exists())  # the orphaned stage is done
     wait_for(lambda: ended(parent))
     assert status(parent) == "KILLED" and stages_of(parent)["distill"].info.status == "FINISHED"
+
+
+def test_ctrl_c_ends_a_stage_with_one_line_and_keeps_its_resume_state(project):
+    interrupted = kill_distill_at_first_save(project, BY_HAND_DISTILL, signal_number=signal.SIGINT)
+    assert interrupted.returncode == 130 and "Traceback" not in interrupted.stderr
+    assert interrupted.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+    assert (project / ".resume/distill.pt").exists()
+    assert status(stages_of(latest_parent(by_hand=True))["distill"]) == "KILLED"
