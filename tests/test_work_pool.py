@@ -81,13 +81,15 @@ def test_a_sweep_runs_the_deployment_twice_at_once_each_in_its_own_clone_sharing
     api = stores["PREFECT_API_URL"]
     worker = [str(BIN / "prefect"), "worker", "start", "--pool", POOL]
     with started(worker, tmp_path, tmp_path / "worker.log", stores):
-        # The sweep triggers the deployment twice at once, one run per value.
-        sweep = run([sys.executable, "-m", "pipeline.sweep", "-G", "distill.dafl.steps=12,16"], project, check=False, **stores)
+        # The sweep triggers the deployment twice at once, one run per value. Seeds, so that no stage's
+        # inputs are the same in both: two runs of one stage may write bitwise different weights, and a
+        # downstream stage is restored only after its own run's upstream outputs.
+        sweep = run([sys.executable, "-m", "pipeline.sweep", "-G", "seed=1,2"], project, check=False, **stores)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr + (tmp_path / "worker.log").read_text()[-6000:]
-    assert "| distill.dafl.steps=12 | COMPLETED |" in sweep.stdout and "| distill.dafl.steps=16 | COMPLETED |" in sweep.stdout
+    assert "| seed=1 | COMPLETED |" in sweep.stdout and "| seed=2 | COMPLETED |" in sweep.stdout
     listed = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"name": {"any_": ["dfkd-pool"]}}})
-    finished = {run["parameters"]["overrides"]["distill.dafl.steps"]: run for run in listed.raise_for_status().json()}
-    assert sorted(finished) == [12, 16] and all(found["state_type"] == "COMPLETED" for found in finished.values())
+    finished = {run["parameters"]["overrides"]["seed"]: run for run in listed.raise_for_status().json()}
+    assert sorted(finished) == [1, 2] and all(found["state_type"] == "COMPLETED" for found in finished.values())
     first, second = finished.values()
     assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"], "they ran at once"
 
@@ -100,16 +102,16 @@ def test_a_sweep_runs_the_deployment_twice_at_once_each_in_its_own_clone_sharing
     (sweep_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.`dfkd.sweep` != ''")
     assert sweep_run.info.status == "FINISHED"
     assert {artifact.path for artifact in client.list_artifacts(sweep_run.info.run_id)} == {"comparison.md", "comparison.png"}
-    for steps, found in finished.items():
+    for seed, found in finished.items():
         (parent,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{found['id']}'")
         assert parent.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id, "nested under the sweep's run"
-        assert parent.info.status == "FINISHED" and parent.data.tags["overrides"] == repr({"distill.dafl.steps": steps})
+        assert parent.info.status == "FINISHED" and parent.data.tags["overrides"] == repr({"seed": seed})
         assert 0 <= parent.data.metrics["student_accuracy"] <= 1
         (distill,) = client.search_runs(
             [experiment.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`dfkd.stage` = 'distill'",
         )
-        assert distill.data.params["steps"] == str(steps)
+        assert distill.data.params["seed"] == str(seed)
     # The service finds the registered student's ONNX file on the tracking server, not in a run's clone.
     load = (f"from serving.model import resolve_source; from pathlib import Path; "
             f"print(resolve_source('models:/dfkd-student@candidate', Path('{tmp_path / 'download'}')).path)")
@@ -119,7 +121,7 @@ def test_a_sweep_runs_the_deployment_twice_at_once_each_in_its_own_clone_sharing
     # Another machine, a fresh clone: every stage of a run's params comes from the DVC remote, none runs.
     elsewhere = tmp_path / "elsewhere"
     run(["git", "clone", "-q", str(project), str(elsewhere)], tmp_path)
-    set_params(elsewhere, {"distill": {"dafl": {"steps": 16}}})
+    set_params(elsewhere, {"seed": 2})
     restored = run([str(BIN / "dvc"), "repro", "--pull"], elsewhere, **stores)
     assert "Running stage" not in restored.stdout, restored.stdout
     assert restored.stdout.count("is cached - skipping run") == 8
