@@ -93,7 +93,10 @@ def payload_sha256(payload: dict) -> str:
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     with atomic_path(path) as tmp:
         try:
-            torch.save({**payload, CHECKSUM_KEY: payload_sha256(payload)}, tmp)
+            # Through a file object: given a path, torch names the archive's inner folder after the
+            # (random) temporary file, so two saves of one payload would differ and DVC's hashes with them.
+            with open(tmp, "wb") as file:
+                torch.save({**payload, CHECKSUM_KEY: payload_sha256(payload)}, file)
         except RuntimeError as error:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
             raise OutputError(f"{path}: cannot be written ({error})") from error
 

@@ -155,6 +155,14 @@ def test_atomic_writes_keep_the_mode_of_the_file_they_replace_and_the_umask_for_
     assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640
 
 
+def test_one_payload_saved_twice_gives_the_same_bytes(tmp_path):
+    # DVC's run-cache and remote key outputs by their hash: equal weights must be equal files.
+    classifier = lenet()
+    save_classifier(tmp_path / "first.pt", classifier)
+    save_classifier(tmp_path / "second.pt", classifier)
+    assert (tmp_path / "first.pt").read_bytes() == (tmp_path / "second.pt").read_bytes()
+
+
 def test_a_folder_that_cannot_take_the_output_is_named(tmp_path):
     (tmp_path / "models").write_text("a file where the folder should be")
     with pytest.raises(OutputError, match=r"models/teacher.pt: cannot be written \(File exists\)"):
