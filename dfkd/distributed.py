@@ -1,6 +1,6 @@
 """Data-parallel training on several processes, as `torchrun` starts them (gloo on the CPU, NCCL on GPUs).
 
-Two ways of splitting the work, each chosen so that the result does not hang on the process count:
+Three ways of splitting the work, each chosen so that the result does not hang on the process count:
 - The loops that train one model (the teacher, the student) split each batch. Every rank runs the
   same loop on the same random stream, so every rank draws the same global batch, and trains on its
   `share` of it; DistributedDataParallel averages the gradients. N processes so compute the
@@ -8,8 +8,12 @@ Two ways of splitting the work, each chosen so that the result does not hang on 
   model with batch norm differs, its statistics being taken over each share.
 - The fixed transfer sets (ZSKD impressions, DeepInversion batches) are split by batch: each rank
   optimises its own batches, each batch on a random stream of its own, and every rank gathers all.
-A loop that does neither (DAFL's generator, DFAD's game) runs whole on every rank, with the same
-result on each. Whatever the split, only rank 0 writes files, logs and shows progress.
+- The generators (DAFL's, DFAD's) train like a model on shares of each batch of latent vectors; a
+  loss over the whole batch (DAFL's class balance) takes its mean over all ranks (`batch_mean`).
+  Their batch norm takes its statistics over each share, so N processes train a generator close
+  to, not the same as, one process's.
+Fast-DFKD's rounds are not split: every rank runs them whole, with the same result on each.
+Whatever the split, only rank 0 writes files, logs and shows progress.
 """
 
 import os
@@ -17,6 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import _functional_collectives as functional_collectives
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -59,6 +64,20 @@ def data_parallel(model: nn.Module) -> nn.Module:
     """`model` wrapped to average its gradients over the ranks (it starts from rank 0's weights);
     `model` itself with one process. The unwrapped model is the one to save."""
     return DistributedDataParallel(model) if world_size() > 1 else model
+
+
+def batch_mean(rows: torch.Tensor) -> torch.Tensor:
+    """The mean over the whole batch of rows that the ranks hold a share each of, the same on every
+    rank, and differentiable: each rank's gradient flows back into its own rows. (The backward pass
+    sums the ranks' gradients, which DistributedDataParallel's average of them divides back.)"""
+    if world_size() == 1:
+        return rows.mean(dim=0)
+    # The functional collective, not dist.all_reduce: autograd differentiates it (torch.distributed.nn's
+    # is deprecated for it).
+    total = functional_collectives.all_reduce(rows.sum(dim=0), "sum", dist.group.WORLD)
+    count = torch.tensor(float(len(rows)), device=rows.device)
+    dist.all_reduce(count)
+    return total / count
 
 
 def average(values: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ the entropy weight, and silently so)."""
 import torch
 import torch.nn.functional as F
 
+from dfkd.distributed import batch_mean
+
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """DAFL L_oh: cross-entropy of the teacher's output against its own argmax (confident samples)."""
@@ -21,9 +23,10 @@ def activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:
 def information_entropy_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """DAFL L_ie: minus the entropy of the batch-mean class distribution (balanced classes).
 
-    Minimal (-log k) when the batch covers every class equally, zero when one class takes all.
+    Minimal (-log k) when the batch covers every class equally, zero when one class takes all. With
+    several processes, the batch is all of theirs.
     """
-    mean_probabilities = F.softmax(teacher_logits, dim=1).mean(dim=0)
+    mean_probabilities = batch_mean(F.softmax(teacher_logits, dim=1))
     return (mean_probabilities * torch.log(mean_probabilities.clamp_min(1e-12))).sum()
 
 

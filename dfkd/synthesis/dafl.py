@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import average, data_parallel, share
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
@@ -126,18 +127,21 @@ def train_generator(
     start = resume.restore(config.steps, **trained)["step"] if resume else 0
 
     generator.train()
+    trained_generator = data_parallel(generator)
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="generator"):
-        latent = torch.randn(config.batch_size, config.latent_dim, device=device)
+        latent = share(torch.randn(config.batch_size, config.latent_dim, device=device))
         with autocast(device):
-            total, losses = generator_loss(generator(latent))
-        check_finite("generator", step, loss=total, **losses)
+            total, losses = generator_loss(trained_generator(latent))
+        # Averaged over the ranks before the check, so that every rank stops at the same step.
+        figures = dict(zip(["loss", *losses], average(torch.stack([total, *losses.values()]).float())))
+        check_finite("generator", step, **figures)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
 
         if on_step:
-            on_step(step, {"loss": total.item(), **{name: value.item() for name, value in losses.items()}})
+            on_step(step, {name: value.item() for name, value in figures.items()})
         if resume:
             resume.maybe_save(step, **trained)
     return GeneratorTransferSet(generator, device)

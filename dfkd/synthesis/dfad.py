@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import average, data_parallel, share
 from dfkd.models import Generator
 from dfkd.runtime import autocast, check_finite, grad_scaler
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
@@ -47,21 +48,23 @@ class AdversarialGenerator(GeneratorTransferSet):
         self.every = config.student_steps
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.scaler = grad_scaler(device)
+        self.trained_generator = data_parallel(self.generator)
 
     def adversarial_step(self, student: nn.Module, teacher: nn.Module, step: int) -> dict[str, float]:
         """One generator step against the student as it is at student step `step`; the student's
         gradients it leaves behind are cleared by the student's own next step."""
-        latent = torch.randn(self.config.batch_size, self.generator.latent_dim, device=self.device)
+        latent = share(torch.randn(self.config.batch_size, self.generator.latent_dim, device=self.device))
         self.generator.train()
         with autocast(self.device):
-            images = self.generator(latent)
+            images = self.trained_generator(latent)
             gap = disagreement(student(images), teacher(images))
-        check_finite("adversarial generator", step, disagreement=gap)
+        average_gap = average(gap.float())  # the same on every rank, so that all of them stop at once
+        check_finite("adversarial generator", step, disagreement=average_gap)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(-gap).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"generator_disagreement": gap.item()}
+        return {"generator_disagreement": average_gap.item()}
 
     def state_dict(self) -> dict:
         return {
