@@ -66,7 +66,7 @@ def check_work_pool(name: str) -> None:
         )
 
 
-def tracking_uri() -> str:
+def shared_tracking_uri() -> str:
     """The tracking store the runs share, checked: MLFLOW_TRACKING_URI, or this checkout's SQLite store,
     whose experiment is created here so that the runs' artifacts go to this checkout too, not to the
     temporary directory of a flow run."""
@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         check_work_pool(args.pool)
-        environment = {"MLFLOW_TRACKING_URI": tracking_uri()}
+        environment = {"MLFLOW_TRACKING_URI": shared_tracking_uri()}
         branch = args.branch or current_branch()
     except (DeployError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -62,6 +62,7 @@ AMALGAMATION_STAGES = ["prepare", "train_teacher"] + [
 REUSED_TAG = "dfkd.reused_stages"  # stages whose outputs DVC kept or restored instead of running them
 
 PRESETS = ROOT / "presets"  # one file of overrides per published setting
+BIN_DIR = Path(sys.executable).parent  # dvc and dvc.yaml's `python -m stages...` must be this environment's
 
 
 class Variant(NamedTuple):
@@ -148,7 +149,7 @@ def lock_entry(stage: str) -> dict | None:
 
 
 def dvc_command(*arguments: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "dvc"), *arguments]
+    return [str(BIN_DIR / "dvc"), *arguments]
 
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")
@@ -157,8 +158,7 @@ def run_stage(stage: str, parent_run_id: str, pull: bool = False) -> StageOutcom
     with `pull`, first restore it from the DVC remote if a run elsewhere pushed it."""
     logger = get_run_logger()
     start = time.perf_counter()
-    bin_dir = Path(sys.executable).parent  # dvc.yaml's `python -m stages...` must be this environment's
-    environment = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    environment = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ['PATH']}"}
     recorded = lock_entry(stage)
     pulling = ["--pull"] if pull else []
     completed = subprocess.run(dvc_command("repro", "--quiet", "--single-item", *pulling, stage), cwd=ROOT, env=environment)
