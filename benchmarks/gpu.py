@@ -5,8 +5,8 @@ optimised directly) and of distillation, and the share of the device's peak each
 The setting is DAFL's CIFAR-10 one (ResNet-34 teacher, ResNet-18 student, 3x32x32, 10 classes) on
 random weights and random images: throughput does not depend on what the weights have learnt.
 Each stage runs through the library's own loop (dfkd/), so mixed precision, channels-last and
-batches on the device are what the pipeline uses; `--compile` measures the same loops with the
-models under torch.compile. The peak is measured, not taken from a datasheet: a large matmul in the
+batches on the device are what the pipeline uses; `--compile` measures them as `compile: true` in
+params.yaml runs them (teacher training and distillation under torch.compile; synthesis as it is). The peak is measured, not taken from a datasheet: a large matmul in the
 loops' precision (bf16 on CUDA where supported, else fp16; fp32 on the CPU). Achieved FLOP/s count
 a forward pass as the model's FLOPs per image, a backward pass as twice that where it computes
 weight gradients, and as once that where it only reaches the images (through the frozen teacher).
@@ -71,9 +71,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return 2 * side**3 * repeats / seconds, str(dtype).removeprefix("torch.")
 
 
-def model(name: str, device: torch.device, compiled: bool) -> torch.nn.Module:
-    built = build_model(ModelConfig(architecture=name), SPEC.channels, SPEC.size, len(SPEC.class_names)).to(device)
-    return torch.compile(built) if compiled else built
+def model(name: str, device: torch.device) -> torch.nn.Module:
+    return build_model(ModelConfig(architecture=name), SPEC.channels, SPEC.size, len(SPEC.class_names)).to(device)
 
 
 def measure(device: torch.device, batch: int, steps: int, compiled: bool) -> list[dict]:
@@ -89,11 +88,12 @@ def measure(device: torch.device, batch: int, steps: int, compiled: bool) -> lis
         images = torch.randn(batch * run_steps, *SHAPE)
         labels = torch.randint(0, 10, (batch * run_steps,))
         config = TeacherTrainConfig(epochs=1, batch_size=batch)
-        train_classifier(model("resnet34", device, compiled), images, labels, images[:batch], labels[:batch], config, device)
+        train_classifier(model("resnet34", device), images, labels, images[:batch], labels[:batch], config, device,
+                         compiled=compiled)
 
     results.append(run_stage(device, "teacher training (ResNet-34)", teacher_training, batch, steps, 3 * teacher_flops))
 
-    teacher = Teacher(freeze(model("resnet34", device, compiled)), SPEC)
+    teacher = Teacher(freeze(model("resnet34", device)), SPEC)
 
     def dafl_synthesis(run_steps: int) -> None:
         config = dafl.DAFLConfig(steps=run_steps, batch_size=batch, generator_width=128)
@@ -111,7 +111,7 @@ def measure(device: torch.device, batch: int, steps: int, compiled: bool) -> lis
 
     def distillation(run_steps: int) -> None:
         config = DistillConfig(steps=run_steps, batch_size=batch)
-        distill(model("resnet18", device, compiled), teacher.model, GaussianNoise(SHAPE), config, device)
+        distill(model("resnet18", device), teacher.model, GaussianNoise(SHAPE), config, device, compiled=compiled)
 
     results.append(run_stage(device, "distillation (ResNet-18 student)", distillation, batch, steps,
                              teacher_flops + 3 * student_flops))
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cuda or cpu")
     parser.add_argument("--batch", type=int, default=256, help="images per step (DAFL's CIFAR batch: 256)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
-    parser.add_argument("--compile", action="store_true", help="the models under torch.compile")
+    parser.add_argument("--compile", action="store_true", help="teacher training and distillation under torch.compile")
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()

@@ -65,13 +65,15 @@ def distill(
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
+    compiled: bool = False,
 ) -> nn.Module:
     """Train `student` to match `teacher`'s softened outputs on transfer-set samples; return it. An
     adversarial transfer set takes its step against the student every `transfer_set.every` steps.
 
     The student of the last step is the result: picking a checkpoint would need held-out real data,
     which a data-free pipeline does not have. Under torchrun every rank draws the same batch and
-    trains on its share of it (dfkd.distributed).
+    trains on its share of it (dfkd.distributed). `compiled` runs the student's steps and the
+    teacher's answers through torch.compile.
     """
     teacher = on_device(teacher, device).eval()
     student = on_device(student, device)
@@ -92,6 +94,9 @@ def distill(
 
     student.train()
     trained_student = data_parallel(student)
+    answering_teacher = teacher
+    if compiled:
+        trained_student, answering_teacher = torch.compile(trained_student), torch.compile(teacher)
     for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="distill"):
         if adversarial and (step - 1) % transfer_set.every == 0:
             game = transfer_set.adversarial_step(student, teacher, step)
@@ -101,7 +106,7 @@ def distill(
         ))
         with autocast(device):
             with torch.no_grad():
-                teacher_logits = teacher(images)
+                teacher_logits = answering_teacher(images)
             student_logits = trained_student(images)
             loss = kd_loss(student_logits, teacher_logits, config.temperature)
         check_finite("distill", step, kd_loss=loss)

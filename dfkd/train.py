@@ -47,10 +47,11 @@ def train_classifier(
     device: torch.device,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumeState | None = None,
+    compiled: bool = False,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train with cross-entropy; return the weights of the epoch with the best validation accuracy
     and that epoch's metrics. Under torchrun every rank draws the same batch and trains on its share
-    of it (dfkd.distributed)."""
+    of it (dfkd.distributed). `compiled` trains through torch.compile; `model` is still the one to save."""
     model = on_device(model, device)
     # The whole split on the device, so that batches are gathered and augmented there.
     train_images, train_labels = train_images.to(device), train_labels.to(device)
@@ -67,6 +68,8 @@ def train_classifier(
     best_state = saved.get("best_state", copy.deepcopy(model.state_dict()))
 
     trained_model = data_parallel(model)
+    if compiled:
+        trained_model = torch.compile(trained_model)
     progress = tqdm(total=config.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="teacher")
     for epoch in range(start + 1, config.epochs + 1):
         trained_model.train()

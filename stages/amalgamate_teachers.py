@@ -88,7 +88,7 @@ def main() -> None:
                 teachers[name].model, train_images[mine], local[train_labels[mine]], val_images[mine_val],
                 local[val_labels[mine_val]], params.train_teacher, device,
                 on_epoch=lambda epoch, metrics: curve(epoch, {f"{name}_{k}": v for k, v in metrics.items()}),
-                resume=resumes[name],
+                resume=resumes[name], compiled=params.compile,
             )
             summary[name] = {"classes": declared.classes, "source": "trained", "train_images": int(mine.sum()), **best}
             teachers[name].model.cpu()

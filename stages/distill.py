@@ -65,7 +65,7 @@ def main() -> None:
         curve = CurveLogger(out / "curve.csv", every=5)
         resume.attach(curve=curve)
         distill(student.model, freeze(teacher.model), transfer_set, config, device,
-                on_step=curve if is_main() else None, resume=resume)
+                on_step=curve if is_main() else None, resume=resume, compiled=params.compile)
         if not is_main():  # the other ranks' work ends with the training
             return
         student.model.cpu()

@@ -226,6 +226,7 @@ class AmalgamateParams(Strict):
 class Params(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    compile: bool = False
     distributed: DistributedParams = DistributedParams()
     prepare: PrepareParams = PrepareParams()
     teacher: TeacherParams = TeacherParams()

@@ -57,7 +57,7 @@ def main() -> None:
         resume.attach(curve=curve)
         _, best = train_classifier(
             model.model, train_images, train_labels, val_images, val_labels, params.train_teacher, device,
-            on_epoch=curve if is_main() else None, resume=resume,
+            on_epoch=curve if is_main() else None, resume=resume, compiled=params.compile,
         )
         if not is_main():  # the other ranks' work ends with the training
             return
