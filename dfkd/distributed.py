@@ -8,11 +8,11 @@ Three ways of splitting the work, each chosen so that the result does not hang o
   model with batch norm differs, its statistics being taken over each share.
 - The fixed transfer sets (ZSKD impressions, DeepInversion batches) are split by batch: each rank
   optimises its own batches, each batch on a random stream of its own, and every rank gathers all.
-- The generators (DAFL's, DFAD's) train like a model on shares of each batch of latent vectors; a
-  loss over the whole batch (DAFL's class balance) takes its mean over all ranks (`batch_mean`).
-  Their batch norm takes its statistics over each share, so N processes train a generator close
-  to, not the same as, one process's.
-Fast-DFKD's rounds are not split: every rank runs them whole, with the same result on each.
+- The generators (DAFL's, DFAD's, Fast-DFKD's rounds) train like a model on shares of each batch of
+  latent vectors; a loss over the whole batch (DAFL's class balance, Fast-DFKD's batch-norm
+  statistics) is taken over all ranks' shares (`batch_mean`, `channel_moments`), and Fast-DFKD's
+  pool gathers every share. The generators' own batch norm takes its statistics over each share,
+  so N processes train a generator close to, not the same as, one process's.
 Whatever the split, only rank 0 writes files, logs and shows progress.
 """
 
@@ -78,6 +78,17 @@ def batch_mean(rows: torch.Tensor) -> torch.Tensor:
     count = torch.tensor(float(len(rows)), device=rows.device)
     dist.all_reduce(count)
     return total / count
+
+
+def channel_moments(features: torch.Tensor, over_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and (biased) variance of `features` over every axis but the channels
+    (dim 1): of this rank's rows, or `over_ranks`, of the whole batch the ranks hold shares of."""
+    if not over_ranks or world_size() == 1:
+        dims = [0, *range(2, features.ndim)]
+        return features.mean(dim=dims), features.var(dim=dims, unbiased=False)
+    per_row = features.flatten(2) if features.ndim > 2 else features.unsqueeze(2)
+    mean = batch_mean(per_row.mean(dim=2))
+    return mean, batch_mean(per_row.square().mean(dim=2)) - mean.square()
 
 
 def average(values: torch.Tensor) -> torch.Tensor:

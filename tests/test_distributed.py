@@ -25,10 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import BIN, TINY_PARAMS, copy_project, environment, free_port, merge, run, set_params, wait_for
 from dfkd.classifier import load_classifier
-from dfkd.distributed import share
+from dfkd.distill import DistillConfig, distill
+from dfkd.distributed import channel_moments, share
 from dfkd.losses import information_entropy_loss, one_hot_loss
+from dfkd.synthesis import fast_dfkd
+from dfkd.synthesis.fast_dfkd import FastDFKDConfig
 from dfkd.synthesis.zskd import impression_loss
+from dfkd.zoo import ModelConfig, build_model
 from stages.tracking import STAGE_TAG
+from test_deepinversion import SPEC as SMALL_SPEC, resnet_teacher
 
 TWO_PROCESSES = {"distributed": {"processes": 2}}
 # Four batches: two rounds of one batch per process, each round long enough to be killed in.
@@ -206,3 +211,87 @@ def test_two_processes_play_the_dfad_game(dafl_project):
     assert output.count("distill: distilled on synthetic images") == 1
     curve = (dafl_project / "reports/distill/curve.csv").read_text().splitlines()
     assert "generator_disagreement" in curve[0] and len(curve) > 1
+
+
+def spawned(rank: int, world: int, port: int, work, out) -> None:
+    """`work(out)` on rank `rank` of `world` gloo processes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo")
+    try:
+        work(out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_processes(work, out) -> None:
+    torch.multiprocessing.spawn(spawned, args=(2, free_port(), work, out), nprocs=2)
+
+
+# Seeded: each spawned process imports this module afresh.
+FEATURES = torch.randn(7, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 2
+
+
+def shared_moments(out) -> None:
+    moments = channel_moments(share(FEATURES), over_ranks=True)  # shares of 4 and 3 rows
+    torch.save(moments, out / f"rank{torch.distributed.get_rank()}.pt")
+
+
+def test_channel_moments_over_ranks_are_those_of_the_whole_batch(tmp_path):
+    on_two_processes(shared_moments, tmp_path)
+    mean, variance = channel_moments(FEATURES)
+    for rank in range(2):
+        shared_mean, shared_variance = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(shared_mean, mean, atol=1e-6) and torch.allclose(shared_variance, variance, atol=1e-5)
+
+
+FAST_DFKD = FastDFKDConfig(latent_dim=8, generator_width=8, batch_size=12, warmup_rounds=8, inner_steps=2, lr=0.01)
+
+
+def fast_dfkd_warm_up(out) -> None:
+    torch.manual_seed(0)
+    logged = []
+    pool = fast_dfkd.synthesize(resnet_teacher(), FAST_DFKD, torch.device("cpu"),
+                                on_step=lambda step, values: logged.append(values["synthesis_batch_norm"]))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"pool": pool.pool, "targets": pool.pool_targets, "batch_norm": torch.tensor(logged),
+                "generator": dict(pool.generator.named_parameters())}, out / f"rank{rank}.pt")
+
+
+def test_two_processes_split_the_fast_dfkd_rounds(tmp_path):
+    """Each rank makes its share of every round's batch; the ranks share one meta generator and one pool."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    fast_dfkd_warm_up(tmp_path / "one")
+    on_two_processes(fast_dfkd_warm_up, tmp_path / "two")
+    one = torch.load(tmp_path / "one/rank0.pt", weights_only=True)
+    two, other_rank = (torch.load(tmp_path / f"two/rank{rank}.pt", weights_only=True) for rank in range(2))
+    assert torch.equal(two["pool"], other_rank["pool"]), "every rank holds the whole pool"
+    for name, weights in two["generator"].items():
+        assert torch.equal(weights, other_rank["generator"][name]), f"every rank's meta generator: {name}"
+    assert two["pool"].shape == one["pool"].shape and torch.equal(two["targets"], one["targets"])
+    # The batch-norm term falls as one process's does, on the statistics of the whole batch. It is not
+    # the same: the generator's own batch norm takes each share's (measured: within 2% at every round).
+    assert two["batch_norm"][-1] < two["batch_norm"][0]
+    assert torch.allclose(two["batch_norm"], one["batch_norm"], rtol=0.05), (one["batch_norm"], two["batch_norm"])
+
+
+def fast_dfkd_distillation(out) -> None:
+    teacher = resnet_teacher()
+    torch.manual_seed(6)
+    pool = fast_dfkd.synthesize(teacher, FAST_DFKD.model_copy(update={"warmup_rounds": 1, "student_steps": 3}),
+                                torch.device("cpu"))
+    torch.manual_seed(2)
+    student = build_model(ModelConfig(architecture="resnet8", options={"width": 0.25}), 1, SMALL_SPEC.size,
+                          SMALL_SPEC.num_classes)
+    distill(student, teacher.model, pool, DistillConfig(steps=8, batch_size=8, temperature=20.0), torch.device("cpu"))
+    torch.save({"pool": pool.pool, "student": student.state_dict()}, out / f"rank{torch.distributed.get_rank()}.pt")
+
+
+def test_two_processes_distil_against_the_fast_dfkd_rounds(tmp_path):
+    """A round's wrapped generator inside the student's wrapped steps: the ranks end with one pool
+    (a round every 3 of the 8 steps) and one student."""
+    on_two_processes(fast_dfkd_distillation, tmp_path)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2))
+    assert len(first["pool"]) == 4 * 12 and torch.equal(first["pool"], second["pool"])
+    for name, value in first["student"].items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):  # each rank's share's
+            assert torch.equal(value, second["student"][name]), name

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import channel_moments
 from dfkd.plots import save_class_grid
 from dfkd.synthesis import FixedImages
 from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
@@ -52,18 +53,13 @@ class DeepInversionConfig(BaseModel):
 
 
 def batch_statistics(
-    teacher: Teacher, images: torch.Tensor, layers: list[str]
+    teacher: Teacher, images: torch.Tensor, layers: list[str], over_ranks: bool = False
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The teacher's logits on `images`, and the per-channel mean and variance of what each of its
-    batch-norm `layers` receives."""
+    batch-norm `layers` receives: over `images`, or `over_ranks`, over the batch whose shares they are."""
     with teacher.capture(layers, inputs=True) as received:
         logits = teacher(images)
-    statistics = {}
-    for name in layers:
-        features = received[name].float()
-        dims = [0, *range(2, features.ndim)]  # every axis but the channels
-        statistics[name] = features.mean(dim=dims), features.var(dim=dims, unbiased=False)
-    return logits, statistics
+    return logits, {name: channel_moments(received[name].float(), over_ranks) for name in layers}
 
 
 def distance_to_running(teacher: Teacher, name: str, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
+from dfkd.distributed import average, data_parallel, gather_rows, share
 from dfkd.inputs import InputSpec
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
@@ -100,7 +101,9 @@ class MetaGeneratorPool(GeneratorTransferSet):
         config = self.config
         layers = teacher.batch_norm_layers(NEEDED_BY)
         generator = copy.deepcopy(self.generator).train()
-        latent = torch.randn(config.batch_size, config.latent_dim, device=self.device, requires_grad=True)
+        trained_generator = data_parallel(generator)
+        # Drawn whole, then this rank's share: every rank draws the same, as one process does.
+        latent = share(torch.randn(config.batch_size, config.latent_dim, device=self.device)).clone().requires_grad_()
         targets = (torch.randperm(config.batch_size) % self.spec.num_classes).to(self.device)
         adapted = [*generator.parameters(), latent]
         optimizer = torch.optim.Adam(
@@ -111,9 +114,9 @@ class MetaGeneratorPool(GeneratorTransferSet):
         best = None
         for _ in range(config.inner_steps):
             with autocast(self.device):
-                images = generator(latent)
+                images = trained_generator(latent)
                 seen = jittered(images, config.jitter, config.flip)
-                logits, statistics = batch_statistics(teacher, seen, layers)
+                logits, statistics = batch_statistics(teacher, seen, layers, over_ranks=True)
                 student_logits = student(seen) if student is not None else None
             blended = {
                 name: tuple(config.batch_norm_momentum * before + (1 - config.batch_norm_momentum) * now
@@ -121,18 +124,20 @@ class MetaGeneratorPool(GeneratorTransferSet):
                 for name, moments in statistics.items()
             }
             terms = {
-                "one_hot": F.cross_entropy(logits.float(), targets),
+                "one_hot": F.cross_entropy(logits.float(), share(targets)),
                 "batch_norm": sum(distance_to_running(teacher, name, *moments) for name, moments in blended.items()),
                 "adversarial": (adversarial_loss(student_logits.float(), logits.float()) if student is not None
                                 else logits.new_zeros((), dtype=torch.float32)),
             }
             loss = (config.one_hot_weight * terms["one_hot"] + config.batch_norm_weight * terms["batch_norm"]
                     + config.adversarial_weight * terms["adversarial"])
-            check_finite("Fast-DFKD synthesis", round_, loss=loss, **terms)
-            if best is None or loss.item() < best[0]:
-                best = (loss.item(), images.detach().float(), {name: tuple(m.detach() for m in moments)
-                                                        for name, moments in blended.items()},
-                        {name: value.item() for name, value in terms.items()})
+            # Averaged over the ranks: all of them stop at the same round and keep the same step's images.
+            figures = dict(zip(["loss", *terms], average(torch.stack([loss, *terms.values()]).float())))
+            check_finite("Fast-DFKD synthesis", round_, **figures)
+            if best is None or figures["loss"].item() < best[0]:
+                best = (figures["loss"].item(), images.detach().float(),
+                        {name: tuple(m.detach() for m in moments) for name, moments in blended.items()},
+                        {name: value.item() for name, value in figures.items() if name != "loss"})
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward(inputs=adapted)
             scaler.step(optimizer)
@@ -144,6 +149,7 @@ class MetaGeneratorPool(GeneratorTransferSet):
             for meta, fitted in zip(self.generator.buffers(), generator.buffers()):
                 meta.copy_(fitted)
         loss, images, self.memory, terms = best
+        images = torch.cat(gather_rows(images))  # every rank's share, in the targets' order
         self.pool = torch.cat([self.pool, images.cpu()])[-config.pool_capacity:]
         self.pool_targets = torch.cat([self.pool_targets, targets.cpu()])[-config.pool_capacity:]
         return {"synthesis_loss": loss, **{f"synthesis_{name}": value for name, value in terms.items()},
