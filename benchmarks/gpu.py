@@ -6,10 +6,11 @@ The setting is DAFL's CIFAR-10 one (ResNet-34 teacher, ResNet-18 student, 3x32x3
 random weights and random images: throughput does not depend on what the weights have learnt.
 Each stage runs through the library's own loop (dfkd/), so mixed precision, channels-last and
 batches on the device are what the pipeline uses; `--compile` measures them as `compile: true` in
-params.yaml runs them (teacher training and distillation under torch.compile; synthesis as it is). The peak is measured, not taken from a datasheet: a large matmul in the
-loops' precision (bf16 on CUDA where supported, else fp16; fp32 on the CPU). Achieved FLOP/s count
-a forward pass as the model's FLOPs per image, a backward pass as twice that where it computes
-weight gradients, and as once that where it only reaches the images (through the frozen teacher).
+params.yaml runs them (teacher training and distillation under torch.compile; synthesis as it is).
+The peak is measured, not taken from a datasheet: a large matmul in the loops' precision (bf16 on
+CUDA where supported, else fp16; fp32 on the CPU). Achieved FLOP/s count a forward pass as the
+model's FLOPs per image, a backward pass as twice that where it computes weight gradients, and as
+once that where it only reaches the images (through the frozen teacher).
 Prints the table and writes it to BENCHMARKS.md with the device and the date. Not part of the tests.
 
     python benchmarks/gpu.py                   # on CUDA when there is a GPU

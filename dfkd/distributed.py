@@ -100,6 +100,12 @@ def average(values: torch.Tensor) -> torch.Tensor:
     return values / world_size()
 
 
+def average_losses(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each of the named scalar `losses` averaged over the ranks, in one exchange: checked for NaN
+    afterwards, the same on every rank, they stop all ranks at the same step."""
+    return dict(zip(losses, average(torch.stack(list(losses.values())).float())))
+
+
 def gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `rows` (tensors alike but for their first dimension, which may differ), in rank
     order, on every rank."""

@@ -145,23 +145,35 @@ def test_more_processes_than_cores_is_refused_before_any_work(two_processes):
 # --- generators: shares of each batch of latent vectors ---------------------------------------------
 
 
-def whole_batch_gradient(rank: int, world: int, port: int, out) -> None:
-    """DAFL's loss on this rank's share of one batch, through DistributedDataParallel; the averaged
-    gradient written to `out`."""
+def spawned(rank: int, world: int, port: int, work, out) -> None:
+    """`work(out)` on rank `rank` of `world` gloo processes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo")
+    try:
+        work(out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_processes(work, out) -> None:
+    torch.multiprocessing.spawn(spawned, args=(2, free_port(), work, out), nprocs=2)
+
+
+def whole_batch_gradient(out) -> None:
+    """DAFL's loss on this rank's share of one batch, through DistributedDataParallel; the averaged
+    gradient written to `out`."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 10)
     latent = torch.randn(12, 8)
     trained_model = DistributedDataParallel(model)  # kept: its hooks average the gradients
     logits = trained_model(share(latent))
     (one_hot_loss(logits) + information_entropy_loss(logits)).backward()
-    torch.save({name: parameter.grad for name, parameter in model.named_parameters()}, out / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
+    torch.save(gradients, out / f"rank{torch.distributed.get_rank()}.pt")
 
 
 def test_a_loss_over_the_whole_batch_gives_the_one_process_gradient_on_shares_of_it(tmp_path):
-    torch.multiprocessing.spawn(whole_batch_gradient, args=(2, free_port(), tmp_path), nprocs=2)
+    on_two_processes(whole_batch_gradient, tmp_path)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 10)
     logits = model(torch.randn(12, 8))
@@ -213,22 +225,9 @@ def test_two_processes_play_the_dfad_game(dafl_project):
     assert "generator_disagreement" in curve[0] and len(curve) > 1
 
 
-def spawned(rank: int, world: int, port: int, work, out) -> None:
-    """`work(out)` on rank `rank` of `world` gloo processes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo")
-    try:
-        work(out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def on_two_processes(work, out) -> None:
-    torch.multiprocessing.spawn(spawned, args=(2, free_port(), work, out), nprocs=2)
-
-
 # Seeded: each spawned process imports this module afresh.
-FEATURES = torch.randn(7, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 2
+FEATURES = (torch.randn(7, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+            * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 2)
 
 
 def shared_moments(out) -> None:

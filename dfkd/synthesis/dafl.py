@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
-from dfkd.distributed import average, data_parallel, share
+from dfkd.distributed import average_losses, data_parallel, share
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
@@ -132,8 +132,7 @@ def train_generator(
         latent = share(torch.randn(config.batch_size, config.latent_dim, device=device))
         with autocast(device):
             total, losses = generator_loss(trained_generator(latent))
-        # Averaged over the ranks before the check, so that every rank stops at the same step.
-        figures = dict(zip(["loss", *losses], average(torch.stack([total, *losses.values()]).float())))
+        figures = average_losses({"loss": total, **losses})
         check_finite("generator", step, **figures)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfkd.checkpoint import ResumeState
-from dfkd.distributed import average, data_parallel, share
+from dfkd.distributed import average_losses, data_parallel, share
 from dfkd.models import Generator
 from dfkd.runtime import autocast, check_finite, grad_scaler
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
@@ -58,13 +58,13 @@ class AdversarialGenerator(GeneratorTransferSet):
         with autocast(self.device):
             images = self.trained_generator(latent)
             gap = disagreement(student(images), teacher(images))
-        average_gap = average(gap.float())  # the same on every rank, so that all of them stop at once
-        check_finite("adversarial generator", step, disagreement=average_gap)
+        figures = average_losses({"disagreement": gap})
+        check_finite("adversarial generator", step, **figures)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(-gap).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"generator_disagreement": average_gap.item()}
+        return {"generator_disagreement": figures["disagreement"].item()}
 
     def state_dict(self) -> dict:
         return {

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd.checkpoint import ResumeState
-from dfkd.distributed import average, data_parallel, gather_rows, share
+from dfkd.distributed import average_losses, data_parallel, gather_rows, share
 from dfkd.inputs import InputSpec
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
@@ -131,8 +131,7 @@ class MetaGeneratorPool(GeneratorTransferSet):
             }
             loss = (config.one_hot_weight * terms["one_hot"] + config.batch_norm_weight * terms["batch_norm"]
                     + config.adversarial_weight * terms["adversarial"])
-            # Averaged over the ranks: all of them stop at the same round and keep the same step's images.
-            figures = dict(zip(["loss", *terms], average(torch.stack([loss, *terms.values()]).float())))
+            figures = average_losses({"loss": loss, **terms})  # the same on every rank: one step's images kept
             check_finite("Fast-DFKD synthesis", round_, **figures)
             if best is None or figures["loss"].item() < best[0]:
                 best = (figures["loss"].item(), images.detach().float(),
