@@ -5,6 +5,7 @@ noise or real images) and the teacher's outputs on it: no labels.
 """
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from dfkd.augment import random_affine
 from dfkd.checkpoint import ResumeState
 from dfkd.distributed import average, data_parallel, share
-from dfkd.losses import kd_loss
+from dfkd.losses import kd_loss, logit_disagreement
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
 
@@ -35,7 +36,10 @@ class TransferRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(2000, gt=0)  # student steps: how long the set keeps teaching differs by method
-    temperature: float = Field(1.0, gt=0)  # DAFL distils at T=1; ZSKD at T=20
+    # kl: Hinton's KD at `temperature`; l1: the mean absolute difference of the logits, which DFAD's
+    # generator maximises: the student must minimise the same disagreement, or the game is not one.
+    loss: Literal["kl", "l1"] = "kl"
+    temperature: float = Field(1.0, gt=0)  # of the kl loss: DAFL distils at T=1; ZSKD at T=20
     # Random translation (pixels), rotation (degrees each way) and scaling (factor in [1 - s, 1 + s])
     # of each transfer image; teacher and student see the same transformed image, so the teacher
     # relabels it: more variety from a fixed transfer set, no real data.
@@ -108,7 +112,10 @@ def distill(
             with torch.no_grad():
                 teacher_logits = answering_teacher(images)
             student_logits = trained_student(images)
-            loss = kd_loss(student_logits, teacher_logits, config.temperature)
+            if config.loss == "l1":
+                loss = logit_disagreement(student_logits, teacher_logits)
+            else:
+                loss = kd_loss(student_logits, teacher_logits, config.temperature)
         check_finite("distill", step, kd_loss=loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -36,3 +36,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
     teacher_probs = F.softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
+
+
+def logit_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DFAD's mean absolute difference of the logits: unlike a KL divergence, its gradient does not
+    vanish as the two come to agree, and it sees logits that differ where their softmaxes do not."""
+    return (student_logits - teacher_logits).abs().mean()

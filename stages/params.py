@@ -111,7 +111,7 @@ class DistillParams(DistillSchedule):
     deepinversion: TransferRecipe = TransferRecipe(
         steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
     )
-    dfad: TransferRecipe = TransferRecipe(steps=3000, temperature=1.0)
+    dfad: TransferRecipe = TransferRecipe(steps=3000, loss="l1")
     fast_dfkd: TransferRecipe = TransferRecipe(steps=3000, temperature=20.0, augment_shift=2.0)
 
     @model_validator(mode="after")

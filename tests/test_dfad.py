@@ -7,11 +7,13 @@ import torch
 from dfkd.checkpoint import ResumeState
 from dfkd.distill import DistillConfig, distill
 from dfkd.inputs import InputSpec
-from dfkd.synthesis.dfad import AdversarialGenerator, DFADConfig, disagreement, synthesize
+from dfkd.losses import logit_disagreement
+from dfkd.synthesis import FixedImages
+from dfkd.synthesis.dfad import AdversarialGenerator, DFADConfig, synthesize
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
 from dfkd.teacher import Teacher
 from dfkd.zoo.lenet import LeNet5
-from stages.params import ParamsError, validate_params
+from stages.params import DistillParams, ParamsError, validate_params
 
 SPEC = InputSpec(channels=1, size=32, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"), resize="pad")
 CPU = torch.device("cpu")
@@ -36,7 +38,7 @@ def test_the_generator_step_increases_the_disagreement_and_leaves_the_student_as
     def disagreement_on(latent):
         with torch.no_grad():
             images = adversary.generate(latent)
-            return disagreement(student(images), teacher(images)).item()
+            return logit_disagreement(student(images), teacher(images)).item()
 
     torch.manual_seed(1)
     latent = torch.randn(GAME.batch_size, GAME.latent_dim)  # the batch the step will draw
@@ -47,6 +49,21 @@ def test_the_generator_step_increases_the_disagreement_and_leaves_the_student_as
     assert disagreement_on(latent) > before
     for name, value in student.state_dict().items():
         assert torch.equal(value, student_before[name]), name
+
+
+def test_the_student_minimises_the_disagreement_the_generator_maximises():
+    recipe = DistillParams().config("dfad")
+    assert recipe.loss == "l1"
+    teacher, student = teacher_and_student()
+    torch.manual_seed(2)
+    images = torch.randn(32, *SPEC.shape)
+    seen = []
+    config = recipe.model_copy(update={"steps": 30, "batch_size": 32})
+    distill(student, teacher, FixedImages(images), config, CPU, on_step=lambda step, metrics: seen.append(metrics["kd_loss"]))
+    with torch.no_grad():
+        after = logit_disagreement(student(images), teacher(images)).item()
+    # The first step's loss is the disagreement of the untrained student on these images.
+    assert after < 0.5 * seen[0]
 
 
 def play(resume: ResumeState | None, kill_at: int | None = None, seen: list | None = None):

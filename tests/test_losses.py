@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from dfkd.losses import activation_loss, information_entropy_loss, kd_loss, one_hot_loss
+from dfkd.losses import activation_loss, information_entropy_loss, kd_loss, logit_disagreement, one_hot_loss
 
 
 def test_entropy_loss_is_minimal_at_the_uniform_class_distribution():
@@ -50,3 +51,12 @@ def test_kd_loss_gradient_matches_hintons_high_temperature_limit():
     centred = lambda z: z - z.mean(dim=1, keepdim=True)  # noqa: E731
     limit = (centred(student.detach()) - centred(teacher)) / 10 / len(teacher)  # batchmean
     assert torch.allclose(student.grad, limit, rtol=0.05, atol=5e-4)
+
+
+def test_logit_disagreement_is_the_mean_absolute_difference_of_the_logits():
+    teacher = torch.randn(16, 10)
+    assert logit_disagreement(teacher.clone(), teacher).item() == 0
+    assert logit_disagreement(teacher + 0.5, teacher).item() == pytest.approx(0.5)
+    # Logits shifted together keep their softmax, so KD sees no difference; DFAD's game does.
+    assert kd_loss(teacher + 3.0, teacher, temperature=1.0).item() == pytest.approx(0, abs=1e-5)
+    assert logit_disagreement(teacher + 3.0, teacher).item() == pytest.approx(3.0)

@@ -3,8 +3,8 @@ generator that seeks out the images on which the student still disagrees with th
 
 The student is inside the synthesis. While it distils on the generator's samples, before every
 `student_steps` of its steps the generator takes one Adam step up the teacher-student disagreement on
-fresh samples, DFAD's mean absolute difference of logits (its gradient does not vanish as the two come
-to agree, as a KL divergence's does). So this method's synthesis makes only the generator's seeded
+fresh samples, DFAD's mean absolute difference of logits, which the student's steps minimise in turn
+(`distill.dfad.loss: l1`). So this method's synthesis makes only the generator's seeded
 starting point and its settings; the game is played by `dfkd.distill.distill`, to which an
 `AdversarialGenerator` is a transfer set that learns against the student.
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from dfkd.checkpoint import ResumeState
 from dfkd.distributed import average_losses, data_parallel, share
+from dfkd.losses import logit_disagreement
 from dfkd.models import Generator
 from dfkd.runtime import autocast, check_finite, grad_scaler
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
@@ -31,10 +32,6 @@ class DFADConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)  # the generator's Adam (the reference: 1e-3)
     student_steps: int = Field(5, gt=0)  # student steps per generator step (the reference: 5)
     batch_size: int = Field(256, gt=1)  # the generator's batch (more than one: its batch norm)
-
-
-def disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return (student_logits - teacher_logits).abs().mean()
 
 
 class AdversarialGenerator(GeneratorTransferSet):
@@ -57,7 +54,7 @@ class AdversarialGenerator(GeneratorTransferSet):
         self.generator.train()
         with autocast(self.device):
             images = self.trained_generator(latent)
-            gap = disagreement(student(images), teacher(images))
+            gap = logit_disagreement(student(images), teacher(images))
         figures = average_losses({"disagreement": gap})
         check_finite("adversarial generator", step, **figures)
         self.optimizer.zero_grad(set_to_none=True)
