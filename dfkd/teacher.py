@@ -69,9 +69,14 @@ class Teacher:
         """(classes x features) weight of the final linear layer: one vector per class."""
         return self.layers[self.classifier_name(needed_by)].weight.detach()
 
+    def batch_norm_layer_names(self) -> list[str]:
+        """The names of the layers that normalise by running statistics, in forward order; maybe none."""
+        return [name for name, module in self.layers.items() if name and is_batch_norm(module)]
+
     def batch_norm_layers(self, needed_by: str) -> list[str]:
-        """The names of the layers that normalise by running statistics, in forward order."""
-        names = [name for name, module in self.layers.items() if name and is_batch_norm(module)]
+        """The names of the layers that normalise by running statistics, in forward order; a teacher
+        without any is refused, saying that `needed_by` needs them."""
+        names = self.batch_norm_layer_names()
         if not names:
             raise TeacherError(
                 f"{needed_by} needs a teacher with batch-norm layers (running mean and variance to match); "

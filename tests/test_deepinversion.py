@@ -10,11 +10,11 @@ from dfkd.synthesis.deepinversion import (
     NEEDED_BY,
     DeepInversionConfig,
     InversionTransferSet,
-    batch_norm_loss,
     jittered,
     save_figures,
     synthesize,
 )
+from dfkd.synthesis.batch_norm import batch_norm_loss
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
 from dfkd.teacher import Teacher, TeacherError
 from dfkd.zoo import ModelConfig, build_model

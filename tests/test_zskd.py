@@ -9,6 +9,7 @@ from torch import nn
 from dfkd.checkpoint import CheckpointError, ResumeState
 from dfkd.classifier import build_classifier, freeze
 from dfkd.inputs import InputSpec
+from dfkd.synthesis.batch_norm import batch_norm_loss
 from dfkd.synthesis.methods import load_transfer_set, save_transfer_set
 from dfkd.synthesis.zskd import (
     ImpressionTransferSet,
@@ -23,6 +24,7 @@ from dfkd.synthesis.zskd import (
     total_variation,
 )
 from dfkd.teacher import Teacher, TeacherError
+from dfkd.zoo import ModelConfig, build_model
 from dfkd.zoo.lenet import LeNet5
 
 CPU = torch.device("cpu")
@@ -136,6 +138,30 @@ def test_total_variation_prior_gives_smoother_impressions_that_still_reach_their
         start = impression_loss(teacher(MNIST.normalise(torch.rand(40, 1, 32, 32))), smooth.targets, 20.0).mean()
         reached = impression_loss(teacher(smooth.images), smooth.targets, 20.0).mean()
     assert reached < start
+
+
+def test_the_batch_norm_prior_brings_a_batch_norm_teachers_statistics_closer_and_changes_nothing_without_batch_norm():
+    spec = InputSpec(channels=1, size=16, mean=(0.5,), std=(0.25,), class_names=tuple("abcd"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(architecture="resnet8", options={"width": 0.25}), 1, spec.size, spec.num_classes)
+    model.train()
+    with torch.no_grad():  # running statistics of valid images that are not the starting noise
+        for _ in range(20):
+            model(spec.normalise(torch.rand(32, *spec.shape) ** 3))
+        model.classifier.weight.mul_(20)  # confident enough at temperature 20
+    batch_norm_teacher = Teacher(model, spec)
+    layers = batch_norm_teacher.batch_norm_layers("test")
+
+    def impressions_with(teacher, weight):
+        torch.manual_seed(2)  # the same targets and starting noise for both
+        return synthesize(teacher, ZSKDConfig(impressions=32, batch_size=32, steps=40, lr=0.05, batch_norm_weight=weight), CPU)
+
+    plain, matched = (impressions_with(batch_norm_teacher, weight).images for weight in (0.0, 10.0))
+    with torch.no_grad():
+        plain, matched = (batch_norm_loss(batch_norm_teacher, images, layers)[1] for images in (plain, matched))
+    assert matched < 0.7 * plain
+    lenet = tiny_teacher()
+    assert torch.equal(impressions_with(lenet, 10.0).images, impressions_with(lenet, 0.0).images)
 
 
 def test_impression_transfer_set_round_trips_through_a_weights_only_checkpoint(tmp_path):

@@ -40,7 +40,8 @@ from dfkd.models import Generator
 from dfkd.plots import save_class_grid
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
-from dfkd.synthesis.deepinversion import batch_statistics, distance_to_running, jittered
+from dfkd.synthesis.batch_norm import batch_statistics, distance_to_running
+from dfkd.synthesis.deepinversion import jittered
 from dfkd.teacher import Teacher
 
 NEEDED_BY = "Fast-DFKD (batch-norm statistics)"

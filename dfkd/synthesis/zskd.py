@@ -10,10 +10,14 @@ all the method needs to model what its outputs on real data look like:
    softmax at temperature T (20) matches y:   min_x  CE(y, softmax(teacher(x) / T)).
 The impressions and their targets are a fixed transfer set on which the student is then distilled.
 
-Optionally (not in the paper) a total-variation prior, as in DeepInversion, adds
-tv * (mean |x[i+1, j] - x[i, j]| + mean |x[i, j+1] - x[i, j]|) to the loss: it favours smooth strokes
-over the pixel noise that satisfies the teacher just as well, and a student distilled on smooth
-impressions generalises better to real images.
+Two priors that are not in the paper, each off at weight 0:
+- total variation, as in DeepInversion: tv * (mean |x[i+1, j] - x[i, j]| + mean |x[i, j+1] - x[i, j]|)
+  favours smooth strokes over the pixel noise that satisfies the teacher just as well, and a student
+  distilled on smooth impressions generalises better to real images;
+- on a teacher with batch norm, DeepInversion's batch-norm statistics term (dfkd/synthesis/batch_norm.py)
+  over each batch of impressions: without it, such a teacher is satisfied by textures that a
+  student learns nothing from about real images. A teacher without batch norm has nothing to
+  match, and its impressions are the same as at weight 0.
 """
 
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from dfkd.inputs import InputSpec
 from dfkd.plots import save_class_grid, save_matrix
 from dfkd.runtime import autocast, check_finite, grad_scaler
 from dfkd.synthesis import FixedImages
+from dfkd.synthesis.batch_norm import batch_norm_loss
 from dfkd.teacher import Teacher
 
 # A Dirichlet concentration must be positive; each row's least similar class would get exactly 0.
@@ -41,13 +46,15 @@ class ZSKDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     impressions: int = Field(4000, gt=0)  # shared evenly by classes and scales (the paper: 24,000 for MNIST)
-    batch_size: int = Field(1000, gt=0)  # impressions optimised together, each on its own (the reference: 100)
+    batch_size: int = Field(1000, gt=0)  # impressions optimised together (the reference: 100), each on its own
+    # but for the batch statistics of the batch-norm prior
     steps: int = Field(200, gt=0)  # Adam steps per batch (the reference code: 1,500)
     lr: float = Field(0.01, gt=0)  # Adam, on pixel intensities in [0, 1]
     temperature: float = Field(20.0, gt=0)  # the paper's softmax temperature for matching the targets
     scales: tuple[PositiveFloat, ...] = Field((1.0, 0.1), min_length=1)  # Dirichlet concentration scales beta
     noise: Literal["uniform", "normal"] = "normal"  # the starting images (the paper: uniform); see initial_pixels
     total_variation_weight: float = Field(0.5, ge=0)  # the smoothness prior; 0 is the paper's method
+    batch_norm_weight: float = Field(10.0, ge=0)  # DeepInversion's weight; 0 is the paper's method
 
 
 def class_similarity(teacher: Teacher) -> torch.Tensor:
@@ -201,6 +208,7 @@ def synthesize(
     """Optimise `config.impressions` data impressions against `teacher` (frozen, eval mode), a batch
     of `config.batch_size` at a time; a killed run resumes after its last finished batch."""
     similarity = class_similarity(teacher).cpu()
+    batch_norm_layers = teacher.batch_norm_layer_names() if config.batch_norm_weight else []
     # Channels-last convolutions take about half the time on a CPU for these small single-channel images.
     teacher = teacher.to(device, memory_format=torch.channels_last)
     spec = teacher.spec
@@ -212,9 +220,10 @@ def synthesize(
         return initial_pixels(config.noise, count, spec, device).contiguous(memory_format=torch.channels_last)
 
     def batch_loss(pixels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = impression_loss(teacher(spec.normalise(pixels)), device_targets[rows], config.temperature)
+        logits, batch_norm = batch_norm_loss(teacher, spec.normalise(pixels), batch_norm_layers)
+        losses = impression_loss(logits, device_targets[rows], config.temperature)
         prior = config.total_variation_weight * total_variation(pixels)
-        return (losses + prior).mean(), losses.mean()
+        return (losses + prior).mean() + config.batch_norm_weight * batch_norm, losses.mean()
 
     images = optimise_images(batch_loss, start_pixels, spec, config.impressions, config.batch_size, config.steps,
                              config.lr, "ZSKD impressions", on_step, resume)
