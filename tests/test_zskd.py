@@ -24,8 +24,8 @@ from dfkd.synthesis.zskd import (
     total_variation,
 )
 from dfkd.teacher import Teacher, TeacherError
-from dfkd.zoo import ModelConfig, build_model
 from dfkd.zoo.lenet import LeNet5
+from test_deepinversion import resnet_teacher
 
 CPU = torch.device("cpu")
 MNIST = InputSpec(channels=1, size=32, mean=(0.1307,), std=(0.3081,), class_names=tuple("0123456789"), resize="pad")
@@ -141,15 +141,9 @@ def test_total_variation_prior_gives_smoother_impressions_that_still_reach_their
 
 
 def test_the_batch_norm_prior_brings_a_batch_norm_teachers_statistics_closer_and_changes_nothing_without_batch_norm():
-    spec = InputSpec(channels=1, size=16, mean=(0.5,), std=(0.25,), class_names=tuple("abcd"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(architecture="resnet8", options={"width": 0.25}), 1, spec.size, spec.num_classes)
-    model.train()
-    with torch.no_grad():  # running statistics of valid images that are not the starting noise
-        for _ in range(20):
-            model(spec.normalise(torch.rand(32, *spec.shape) ** 3))
-        model.classifier.weight.mul_(20)  # confident enough at temperature 20
-    batch_norm_teacher = Teacher(model, spec)
+    batch_norm_teacher = resnet_teacher()
+    with torch.no_grad():
+        batch_norm_teacher.model.classifier.weight.mul_(20)  # confident enough at temperature 20
     layers = batch_norm_teacher.batch_norm_layers("test")
 
     def impressions_with(teacher, weight):
