@@ -1,4 +1,4 @@
-"""DeepInversion's batch-norm term, its jitter, its images and its refusals, on tiny teachers."""
+"""DeepInversion's batch-norm term, its images and its refusals, on tiny teachers."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from dfkd.synthesis.deepinversion import (
     NEEDED_BY,
     DeepInversionConfig,
     InversionTransferSet,
-    jittered,
     save_figures,
     synthesize,
 )
@@ -90,17 +89,6 @@ def test_the_batch_norm_layers_of_an_exported_program_are_found_and_give_the_sam
     assert exported.batch_norm_layers(NEEDED_BY) == layers
     with torch.no_grad():
         assert torch.allclose(batch_norm_loss(exported, images, layers)[1], batch_norm_loss(teacher, images, layers)[1])
-
-
-def test_jitter_rolls_the_whole_batch_by_one_shift_and_flip_mirrors_it():
-    images = torch.arange(2 * 16.0).view(2, 1, 4, 4)
-    torch.manual_seed(3)
-    down, across = torch.randint(-2, 3, (2,)).tolist()
-    torch.manual_seed(3)
-    assert torch.equal(jittered(images, 2, flip=False), torch.roll(images, (down, across), dims=(2, 3)))
-    assert torch.equal(jittered(images, 0, flip=False), images)
-    mirrored = [jittered(images, 0, flip=True) for _ in range(20)]
-    assert any(torch.equal(m, images.flip(dims=(3,))) for m in mirrored) and any(torch.equal(m, images) for m in mirrored)
 
 
 def test_the_transfer_set_round_trips_and_refuses_another_teachers_input(tmp_path):

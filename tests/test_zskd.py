@@ -1,4 +1,4 @@
-"""ZSKD: the class-similarity matrix, the Dirichlet targets, the impressions, saving and resuming."""
+"""ZSKD: the class-similarity matrix, the Dirichlet targets, the impressions, their priors and jitter, saving and resuming."""
 
 import math
 
@@ -17,6 +17,7 @@ from dfkd.synthesis.zskd import (
     class_similarity,
     impression_loss,
     initial_pixels,
+    jittered,
     optimise_images,
     sample_targets,
     save_figures,
@@ -108,7 +109,7 @@ def test_impressions_move_the_teacher_towards_their_targets(noise):
     teacher = tiny_teacher()
     losses = []
     torch.manual_seed(1)
-    config = ZSKDConfig(impressions=40, batch_size=20, steps=40, lr=0.1, noise=noise)
+    config = ZSKDConfig(impressions=40, batch_size=20, steps=40, lr=0.1, noise=noise, jitter=0)  # unshifted: each step scores the same images
     impressions = synthesize(teacher, config, CPU, on_step=lambda step, metrics: losses.append(metrics["loss"]))
     assert len(losses) == 2 * 40
     for batch in (losses[:40], losses[40:]):  # each batch starts from fresh noise
@@ -138,6 +139,37 @@ def test_total_variation_prior_gives_smoother_impressions_that_still_reach_their
         start = impression_loss(teacher(MNIST.normalise(torch.rand(40, 1, 32, 32))), smooth.targets, 20.0).mean()
         reached = impression_loss(teacher(smooth.images), smooth.targets, 20.0).mean()
     assert reached < start
+
+
+def test_jitter_rolls_the_whole_batch_by_one_shift_and_flip_mirrors_it():
+    images = torch.arange(2 * 16.0).view(2, 1, 4, 4)
+    torch.manual_seed(3)
+    down, across = torch.randint(-2, 3, (2,)).tolist()
+    torch.manual_seed(3)
+    assert torch.equal(jittered(images, 2, flip=False), torch.roll(images, (down, across), dims=(2, 3)))
+    assert torch.equal(jittered(images, 0, flip=False), images)
+    mirrored = [jittered(images, 0, flip=True) for _ in range(20)]
+    assert any(torch.equal(m, images.flip(dims=(3,))) for m in mirrored) and any(torch.equal(m, images) for m in mirrored)
+
+
+def test_jittered_impressions_reach_their_targets_at_every_shift_and_not_at_one_alone():
+    teacher = tiny_teacher()
+
+    def loss_at_each_shift(jitter):
+        torch.manual_seed(2)  # the same targets and starting noise for both
+        impressions = synthesize(teacher, ZSKDConfig(impressions=40, batch_size=40, steps=60, lr=0.05, jitter=jitter), CPU)
+        with torch.no_grad():
+            return torch.stack([
+                impression_loss(teacher(torch.roll(impressions.images, (down, across), dims=(2, 3))),
+                                impressions.targets, 20.0).mean()
+                for down in range(-2, 3) for across in range(-2, 3)
+            ])
+
+    aligned, shifted = loss_at_each_shift(0), loss_at_each_shift(2)
+    unshifted = 12  # (0, 0) in the 5 x 5 grid of shifts
+    others = torch.arange(25) != unshifted
+    assert aligned[unshifted] < aligned[others].min()  # made at one alignment, they satisfy the teacher there
+    assert shifted[others].mean() < aligned[others].mean()
 
 
 def test_the_batch_norm_prior_brings_a_batch_norm_teachers_statistics_closer_and_changes_nothing_without_batch_norm():

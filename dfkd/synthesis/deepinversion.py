@@ -31,7 +31,7 @@ from dfkd.checkpoint import ResumeState
 from dfkd.plots import save_class_grid
 from dfkd.synthesis import FixedImages
 from dfkd.synthesis.batch_norm import batch_norm_loss
-from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
+from dfkd.synthesis.zskd import initial_pixels, jittered, optimise_images, total_variation
 from dfkd.teacher import Teacher
 
 NEEDED_BY = "DeepInversion (batch-norm statistics)"
@@ -50,17 +50,6 @@ class DeepInversionConfig(BaseModel):
     jitter: int = Field(2, ge=0)  # pixels of random shift per step
     flip: bool = False  # random horizontal mirroring: right for natural images, wrong for digits
     noise: Literal["uniform", "normal"] = "normal"  # the starting images (dfkd/synthesis/zskd.py)
-
-
-def jittered(images: torch.Tensor, jitter: int, flip: bool) -> torch.Tensor:
-    """The batch rolled by one random shift of up to `jitter` pixels each way, mirrored half the time
-    if `flip`; drawn on the CPU, so a seed gives the same shifts on every device."""
-    if jitter:
-        down, across = torch.randint(-jitter, jitter + 1, (2,)).tolist()
-        images = torch.roll(images, shifts=(down, across), dims=(2, 3))
-    if flip and torch.rand(()) < 0.5:
-        images = images.flip(dims=(3,))
-    return images
 
 
 class InversionTransferSet(FixedImages):

@@ -41,7 +41,7 @@ from dfkd.plots import save_class_grid
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
 from dfkd.synthesis.batch_norm import batch_statistics, distance_to_running
-from dfkd.synthesis.deepinversion import jittered
+from dfkd.synthesis.zskd import jittered
 from dfkd.teacher import Teacher
 
 NEEDED_BY = "Fast-DFKD (batch-norm statistics)"
