@@ -35,7 +35,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
-from benchmarks.report import measure, write_section  # noqa: E402
+from benchmarks.report import measure, without_float_noise, write_section  # noqa: E402
 from benchmarks.zskd_vs_dafl import METHOD_STAGES, METHODS, NAMES, metrics_of, spread  # noqa: E402
 from pipeline.flow import apply_overrides, overridden, parse_overrides  # noqa: E402
 from stages.params import ParamsError  # noqa: E402
@@ -166,7 +166,7 @@ def teacher_table(teacher: str, results: list[dict], methods: list[str]) -> str:
 def bar_verdict(results: dict[str, list[dict]], methods: list[str]) -> str:
     """Whether every data-free student, every seed, is at least MIN_ABOVE_FLOOR above its floor."""
     margins = [
-        (result["runs"][method]["above_floor"], f"{teacher} {NAMES[method]} seed {result['seed']}")
+        (without_float_noise(result["runs"][method]["above_floor"]), f"{teacher} {NAMES[method]} seed {result['seed']}")
         for teacher, teacher_results in results.items()
         for result in teacher_results
         for method in methods

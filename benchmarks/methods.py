@@ -40,7 +40,7 @@ sys.path.insert(0, str(PROJECT))
 
 from benchmarks.fashion_mnist import DATA, TEACHERS, described, fail, run_method  # noqa: E402
 from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
-from benchmarks.report import measure, write_section  # noqa: E402
+from benchmarks.report import measure, without_float_noise, write_section  # noqa: E402
 from benchmarks.zskd_vs_dafl import NAMES, SYNTHESIS_LENGTH, metrics_of, spread  # noqa: E402
 from pipeline.flow import apply_overrides, overridden, parse_overrides  # noqa: E402
 from stages.params import ParamsError, load_params  # noqa: E402
@@ -158,7 +158,7 @@ def verdicts(results: dict[str, list[dict]]) -> str:
             continue
         rs, methods = results[setting], SETTINGS[setting]["methods"]
         top = min(methods, key=lambda method: mean_of(rs, method, lambda run: run["gap"]))
-        gap = mean_of(rs, top, lambda run: run["gap"])
+        gap = without_float_noise(mean_of(rs, top, lambda run: run["gap"]))
         seconds = mean_of(rs, top, lambda run: run["synthesis_seconds"] + run["distillation_seconds"])
         met = gap <= MAX_GAP_MNIST and seconds <= MAX_SECONDS_MNIST
         lines.append(f"- {SETTINGS[setting]['title']}: the best student ({NAMES[top]}) is {gap * 100:.2f} pt below its "
@@ -167,7 +167,7 @@ def verdicts(results: dict[str, list[dict]]) -> str:
     if "fashion_resnet8" in results:
         rs, methods = results["fashion_resnet8"], SETTINGS["fashion_resnet8"]["methods"]
         top = max(methods, key=lambda method: mean_of(rs, method, lambda run: run["student"] / run["teacher"]))
-        ratio = mean_of(rs, top, lambda run: run["student"] / run["teacher"])
+        ratio = without_float_noise(mean_of(rs, top, lambda run: run["student"] / run["teacher"]))
         seconds = statistics.mean(result["benchmark_seconds"] for result in rs)
         met = ratio >= MIN_RATIO_FASHION and seconds <= MAX_SECONDS_FASHION
         lines.append(f"- Full Fashion-MNIST: the best student ({NAMES[top]}) keeps {ratio:.3f} of its teacher's "
