@@ -38,7 +38,14 @@ from dfkd.losses import information_entropy_loss, kd_loss
 from dfkd.models import LabelUnion, TargetNet
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis import FixedImages, TransferSet
-from dfkd.synthesis.dafl import DAFLConfig, GeneratorTransferSet, dafl_losses, train_generator, weighted_total
+from dfkd.synthesis.dafl import (
+    DAFLConfig,
+    GeneratorTransferSet,
+    batch_norm_layers,
+    dafl_losses,
+    train_generator,
+    weighted_total,
+)
 from dfkd.synthesis.zskd import initial_pixels, optimise_images, total_variation
 from dfkd.teacher import Teacher
 
@@ -78,16 +85,22 @@ def naive_combination(logits: list[torch.Tensor], groups: tuple[tuple[int, ...],
 
 
 class GeneratorConfig(DAFLConfig):
-    # DAFL's three terms are averaged over the teachers; this one balances the combined prediction
-    # over the union of labels, so no teacher's classes are left out of the generated set.
+    # DAFL's terms are averaged over the teachers (the batch-norm term over those with batch norm);
+    # this one balances the combined prediction over the union of labels, so no teacher's classes are
+    # left out of the generated set.
     union_entropy_weight: float = Field(5.0, ge=0)
 
 
-def generator_losses(teachers: list[Teacher], union: LabelUnion, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """DAFL's terms for each teacher, averaged over the teachers, and the information entropy of the
-    combined prediction over the union of labels (unweighted)."""
-    logits, terms = zip(*(dafl_losses(teacher, images) for teacher in teachers))
-    losses = {name: torch.stack([term[name] for term in terms]).mean() for name in terms[0]}
+def generator_losses(
+    teachers: list[Teacher], union: LabelUnion, images: torch.Tensor, matched_layers: list[list[str]] | None = None
+) -> dict[str, torch.Tensor]:
+    """DAFL's terms for each teacher (with the batch-norm term over teacher i's `matched_layers[i]`),
+    each averaged over the teachers that have it, and the information entropy of the combined
+    prediction over the union of labels (unweighted)."""
+    layers = matched_layers or [[] for _ in teachers]
+    logits, terms = zip(*(dafl_losses(teacher, images, names) for teacher, names in zip(teachers, layers)))
+    names = dict.fromkeys(name for term in terms for name in term)
+    losses = {name: torch.stack([term[name] for term in terms if name in term]).mean() for name in names}
     losses["union_entropy"] = information_entropy_loss(union(list(logits)))
     return losses
 
@@ -103,9 +116,10 @@ def synthesize(
     """Train one DAFL generator against all `teachers` (frozen, eval mode; teacher i predicts `groups[i]`)."""
     teachers = [on_device(teacher, device) for teacher in teachers]
     union = LabelUnion(groups).to(device)
+    layers = [batch_norm_layers(teacher, config) for teacher in teachers]
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = generator_losses(teachers, union, images)
+        losses = generator_losses(teachers, union, images, layers)
         return weighted_total(losses, config) + config.union_entropy_weight * losses["union_entropy"], losses
 
     return train_generator(generator_loss, teachers[0].spec.shape, config, device, on_step, resume)

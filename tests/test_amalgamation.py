@@ -109,6 +109,18 @@ def test_generator_losses_average_the_teachers_and_balance_the_union():
     assert losses["union_entropy"].item() >= -math.log(10) - 1e-5
 
 
+def test_the_batch_norm_term_is_averaged_over_the_teachers_with_batch_norm():
+    lenet = lenet_teacher(HALVES[0])
+    resnet = Teacher(build_model(ModelConfig(architecture="resnet8", options={"width": 0.25}), 1, 32, 5).eval(),
+                     mnist_spec(HALVES[1]))
+    layers = [[], resnet.batch_norm_layer_names()]
+    images = torch.randn(16, 1, 32, 32)
+    with torch.no_grad():
+        losses = generator_losses([lenet, resnet], LabelUnion(HALVES), images, layers)
+        alone = dafl_losses(resnet, images, layers[1])[1]["batch_norm"]
+    assert torch.allclose(losses["batch_norm"], alone) and alone > 0
+
+
 def test_generator_trains_against_all_teachers():
     config = GeneratorConfig(steps=3, batch_size=8, latent_dim=8, generator_width=4)
     seen = []

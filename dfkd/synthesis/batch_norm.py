@@ -1,4 +1,5 @@
-"""DeepInversion's batch-norm statistics term, which deepinversion, fast_dfkd and ZSKD's prior share.
+"""DeepInversion's batch-norm statistics term, which deepinversion, fast_dfkd and the priors of ZSKD
+and DAFL share.
 
 A teacher with batch norm carries, in every BN layer, the running mean and variance of what that
 layer received during training. A batch of images whose activations have the same per-channel mean
@@ -22,7 +23,14 @@ def batch_statistics(
     batch-norm `layers` receives: over `images`, or `over_ranks`, over the batch whose shares they are."""
     with teacher.capture(layers, inputs=True) as received:
         logits = teacher(images)
-    return logits, {name: channel_moments(received[name].float(), over_ranks) for name in layers}
+    return logits, moments_of(received, over_ranks)
+
+
+def moments_of(
+    received: dict[str, torch.Tensor], over_ranks: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The per-channel mean and variance of what each layer received (`Teacher.capture(..., inputs=True)`)."""
+    return {name: channel_moments(inputs.float(), over_ranks) for name, inputs in received.items()}
 
 
 def distance_to_running(teacher: Teacher, name: str, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -30,9 +38,13 @@ def distance_to_running(teacher: Teacher, name: str, mean: torch.Tensor, varianc
     return torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(variance - layer.running_var)
 
 
+def total_distance(teacher: Teacher, statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The term itself: the sum over the layers of `statistics` of their distances to the running ones."""
+    return sum(distance_to_running(teacher, name, *moments) for name, moments in statistics.items())
+
+
 def batch_norm_loss(teacher: Teacher, images: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's logits on `images`, and the sum over its batch-norm `layers` of the distances
     between the batch mean and variance of each layer's input and the layer's running ones."""
     logits, statistics = batch_statistics(teacher, images, layers)
-    total = sum(distance_to_running(teacher, name, *moments) for name, moments in statistics.items())
-    return logits, total
+    return logits, total_distance(teacher, statistics)

@@ -4,6 +4,9 @@ The teacher stands in for a GAN discriminator that cannot be trained without dat
 is pushed towards images the teacher classifies confidently (one-hot loss), that excite its
 features (activation loss) and that cover every class evenly over a batch (information entropy):
     L_G = oh * L_oh + a * L_a + ie * L_ie
+On a teacher with batch norm we add DeepInversion's batch-norm term (dfkd/synthesis/batch_norm.py),
+as for ZSKD: without it, the generator settles on images that such a teacher is confident of but that
+excite it nothing like its training data did (BENCHMARKS.md).
 """
 
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from dfkd.distributed import average_losses, data_parallel, share
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
+from dfkd.synthesis.batch_norm import moments_of, total_distance
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.teacher import Teacher
 
@@ -33,6 +37,7 @@ class DAFLConfig(BaseModel):
     one_hot_weight: float = Field(1.0, ge=0)
     activation_weight: float = Field(0.1, ge=0)
     entropy_weight: float = Field(5.0, ge=0)
+    batch_norm_weight: float = Field(1.0, ge=0)  # not in the paper; 0 turns it off
 
 
 def load_generator(payload: dict) -> Generator:
@@ -88,22 +93,38 @@ def save_figures(transfer_set: GeneratorTransferSet, directory: Path, rows: int 
     )
 
 
-def dafl_losses(teacher: Teacher, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The teacher's logits on `images` and DAFL's three loss terms (unweighted)."""
-    logits, features = teacher.forward_with_features(images)
-    return logits, {
+def dafl_losses(
+    teacher: Teacher, images: torch.Tensor, batch_norm_layers: list[str] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher's logits on `images` and DAFL's three loss terms (unweighted), with the batch-norm
+    term over `batch_norm_layers` where they name any: all from one forward pass."""
+    with teacher.capture(batch_norm_layers or [], inputs=True) as received:
+        logits, features = teacher.forward_with_features(images)
+    losses = {
         "one_hot": one_hot_loss(logits),
         "activation": activation_loss(features),
         "entropy": information_entropy_loss(logits),
     }
+    if batch_norm_layers:
+        # Over the whole batch when several processes hold shares of it, as the entropy term is.
+        losses["batch_norm"] = total_distance(teacher, moments_of(received, over_ranks=True))
+    return logits, losses
+
+
+def batch_norm_layers(teacher: Teacher, config: DAFLConfig) -> list[str]:
+    """The layers whose statistics the generator is to match: none without batch norm or weight."""
+    return teacher.batch_norm_layer_names() if config.batch_norm_weight else []
 
 
 def weighted_total(losses: dict[str, torch.Tensor], config: DAFLConfig) -> torch.Tensor:
-    return (
+    total = (
         config.one_hot_weight * losses["one_hot"]
         + config.activation_weight * losses["activation"]
         + config.entropy_weight * losses["entropy"]
     )
+    if "batch_norm" in losses:
+        total = total + config.batch_norm_weight * losses["batch_norm"]
+    return total
 
 
 def train_generator(
@@ -155,9 +176,10 @@ def synthesize(
 ) -> GeneratorTransferSet:
     """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
     teacher = on_device(teacher, device)
+    layers = batch_norm_layers(teacher, config)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, losses = dafl_losses(teacher, images)
+        _, losses = dafl_losses(teacher, images, layers)
         return weighted_total(losses, config), losses
 
     return train_generator(generator_loss, teacher.spec.shape, config, device, on_step, resume)

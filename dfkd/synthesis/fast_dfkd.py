@@ -40,7 +40,7 @@ from dfkd.models import Generator
 from dfkd.plots import save_class_grid
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
 from dfkd.synthesis.dafl import GeneratorTransferSet, load_generator
-from dfkd.synthesis.batch_norm import batch_statistics, distance_to_running
+from dfkd.synthesis.batch_norm import batch_statistics, total_distance
 from dfkd.synthesis.zskd import jittered
 from dfkd.teacher import Teacher
 
@@ -126,7 +126,7 @@ class MetaGeneratorPool(GeneratorTransferSet):
             }
             terms = {
                 "one_hot": F.cross_entropy(logits.float(), share(targets)),
-                "batch_norm": sum(distance_to_running(teacher, name, *moments) for name, moments in blended.items()),
+                "batch_norm": total_distance(teacher, blended),
                 "adversarial": (adversarial_loss(student_logits.float(), logits.float()) if student is not None
                                 else logits.new_zeros((), dtype=torch.float32)),
             }
