@@ -14,9 +14,13 @@ distillation would take `--budget` seconds; its accuracy at that budget is repor
 the run really took (fixed costs such as process start do not scale). Prints a table per setting
 (mean ± sample standard deviation over the seeds), the verdict on each of issue 17's bars, and
 writes both to BENCHMARKS.md with a plot, BENCHMARKS-methods.png. A seed of every setting takes
-hours on 2 cores: `--results` keeps every (setting, seed) measured so far.
+hours on 2 cores: `--results` keeps every (setting, seed) measured so far, and `--methods` reruns
+some methods of recorded seeds (after a change to them), keeping the others' runs: on the same
+machine the teacher of a seed is the same, which the rerun checks.
 
     python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0
+    python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0 1 2 \\
+        --methods zskd                                                            # ZSKD again, the rest kept
     python benchmarks/methods.py --results benchmarks/results/methods.json --seeds   # tables only
     python benchmarks/methods.py --settings mnist_resnet8 --seeds 0 --no-write --budget 20 \\
         -S train_teacher.epochs=1 -S distill.batch_size=32 ...                      # a smoke test
@@ -40,7 +44,7 @@ sys.path.insert(0, str(PROJECT))
 
 from benchmarks.fashion_mnist import DATA, TEACHERS, described, fail, run_method  # noqa: E402
 from benchmarks.pipeline import fresh_copy, run_stage  # noqa: E402
-from benchmarks.report import measure, without_float_noise, write_section  # noqa: E402
+from benchmarks.report import machine, measure, without_float_noise, write_section  # noqa: E402
 from benchmarks.zskd_vs_dafl import NAMES, SYNTHESIS_LENGTH, metrics_of, spread  # noqa: E402
 from pipeline.flow import apply_overrides, overridden, parse_overrides  # noqa: E402
 from stages.params import ParamsError, load_params  # noqa: E402
@@ -100,13 +104,14 @@ def at_budget(root: Path, method: str, run: dict, budget: float, label: str) -> 
     }
 
 
-def run_setting(seed: int, setting: str, overrides: dict, budget: float) -> dict:
+def run_setting(seed: int, setting: str, overrides: dict, budget: float, methods: list[str]) -> dict:
+    """The setting's `methods` (those of them it has) on one seed, each at full length and at `budget`."""
     label = f"seed {seed} {setting}"
     with tempfile.TemporaryDirectory(prefix="dfkd-methods-") as scratch:
         root = fresh_copy(Path(scratch), seed)
         apply_overrides(overrides, root / "params.yaml")
         seconds = sum(run_stage(root, stage, label)["seconds"] for stage in ("prepare", "train_teacher"))
-        methods = SETTINGS[setting]["methods"]
+        methods = [method for method in SETTINGS[setting]["methods"] if method in methods]
         runs = {method: run_method(root, method, label) for method in methods}
         base = (root / "params.yaml").read_text()
         for method in methods:  # each from the same params: one method's scaling never reaches another
@@ -114,6 +119,21 @@ def run_setting(seed: int, setting: str, overrides: dict, budget: float) -> dict
             runs[method]["at_budget"] = at_budget(root, method, runs[method], budget, label)
     seconds += sum(run["stage_seconds"] for run in runs.values())
     return {"seed": seed, "benchmark_seconds": seconds, "runs": runs}
+
+
+def rerun_into(recorded: dict, rerun: dict) -> dict:
+    """A recorded (setting, seed) with some methods' runs replaced by `rerun`'s, of the same seed:
+    the others keep their runs and the date they were measured on. The stages' seconds add up as if
+    the whole setting had run once, with the teacher's stages as recorded."""
+    for method, run in rerun["runs"].items():
+        if without_float_noise(run["teacher"]) != without_float_noise(recorded["runs"][method]["teacher"]):
+            fail(f"seed {recorded['seed']}: the teacher scored {run['teacher']:.2%} in the rerun of {method} and "
+                 f"{recorded['runs'][method]['teacher']:.2%} when recorded: another teacher; nothing merged")
+    runs = {method: {"date": recorded["date"], **run} for method, run in recorded["runs"].items()}
+    runs.update(rerun["runs"])  # dated by measure(), with the whole record
+    seconds = recorded["benchmark_seconds"] + sum(
+        run["stage_seconds"] - recorded["runs"][method]["stage_seconds"] for method, run in rerun["runs"].items())
+    return {"seed": recorded["seed"], "benchmark_seconds": seconds, "runs": runs}
 
 
 def setting_table(setting: str, results: list[dict], budget: float) -> str:
@@ -140,9 +160,14 @@ def setting_table(setting: str, results: list[dict], budget: float) -> str:
             f"| {spread([run['at_budget']['seconds'] for run in runs], ' s')} |"
         )
     seeds = ", ".join(str(result["seed"]) for result in results)
-    whole = spread([result["benchmark_seconds"] for result in results], " s")
+    whole = spread([whole_seconds(result) for result in results], " s")
     lines += ["", f"Seeds {seeds}; every stage of the setting, the budget runs included, took {whole} a seed."]
     return "\n".join(lines)
+
+
+def whole_seconds(result: dict) -> float:
+    """Every stage of a setting's seed: the teacher's, each method's and its run at the budget."""
+    return result["benchmark_seconds"] + sum(run["at_budget"]["seconds"] for run in result["runs"].values())
 
 
 def mean_of(results: list[dict], method: str, figure) -> float:
@@ -168,7 +193,7 @@ def verdicts(results: dict[str, list[dict]]) -> str:
         rs, methods = results["fashion_resnet8"], SETTINGS["fashion_resnet8"]["methods"]
         top = max(methods, key=lambda method: mean_of(rs, method, lambda run: run["student"] / run["teacher"]))
         ratio = without_float_noise(mean_of(rs, top, lambda run: run["student"] / run["teacher"]))
-        seconds = statistics.mean(result["benchmark_seconds"] for result in rs)
+        seconds = statistics.mean(whole_seconds(result) for result in rs)
         met = ratio >= MIN_RATIO_FASHION and seconds <= MAX_SECONDS_FASHION
         lines.append(f"- Full Fashion-MNIST: the best student ({NAMES[top]}) keeps {ratio:.3f} of its teacher's "
                      f"accuracy, the benchmark of a seed takes {seconds / 60:.0f} min (bar: {MIN_RATIO_FASHION} in "
@@ -228,6 +253,8 @@ def main() -> None:
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param of every run, as `dvc exp run -S` does (repeatable)")
     parser.add_argument("--results", type=Path, help="JSON file keeping every setting and seed measured so far")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS,
+                        help="rerun only these methods of the settings' recorded seeds, keeping the other methods' runs")
     parser.add_argument("--no-write", action="store_true", help="print the tables only: no BENCHMARKS.md, no plot")
     args = parser.parse_args()
     if "fashion_resnet8" in args.settings and args.seeds and not DATA.is_dir():
@@ -244,14 +271,31 @@ def main() -> None:
     if recorded and (recorded["budget"], recorded["overrides"]) != (args.budget, args.set_param):
         fail(f"{args.results} holds results of another budget or overrides: pass another --results file")
     recorded = {"budget": args.budget, "overrides": args.set_param, "results": recorded.get("results", {})}
-    measured = measure(recorded, args.seeds, args.settings,
-                       lambda seed, setting: run_setting(seed, setting, overrides_of(setting, extra), args.budget),
-                       args.results)
+    if args.methods:  # a rerun: refused before any work where there is nothing of this machine's to merge into
+        if not args.results:
+            fail("--methods reruns methods of recorded seeds: pass the --results file that holds them")
+        for setting in args.settings:
+            if not set(args.methods) & set(SETTINGS[setting]["methods"]):
+                fail(f"{setting} runs {', '.join(SETTINGS[setting]['methods'])}: none of --methods")
+            for seed in args.seeds:
+                old = recorded["results"].get(setting, {}).get(str(seed))
+                if old is None or old["machine"] != machine():
+                    fail(f"--methods reruns seeds recorded on this machine, and {args.results} has no seed {seed} of "
+                         f"{setting} measured on it: run that seed of every method first")
+
+    def run(seed: int, setting: str) -> dict:
+        if not args.methods:
+            return run_setting(seed, setting, overrides_of(setting, extra), args.budget, ALL_METHODS)
+        rerun = run_setting(seed, setting, overrides_of(setting, extra), args.budget, args.methods)
+        return rerun_into(recorded["results"][setting][str(seed)], rerun)
+
+    measured = measure(recorded, args.seeds, args.settings, run, args.results)
     results = {setting: measured[setting] for setting in SETTINGS if setting in measured}
     if not results:
         fail("no seeds to run and no results recorded: pass --seeds, or --results with a file of measured seeds")
 
-    runs_on = "; ".join(sorted({f"{result['date']} on {result['machine']}" for rs in results.values() for result in rs}))
+    runs_on = "; ".join(sorted({f"{run.get('date', result['date'])} on {result['machine']}"
+                                for rs in results.values() for result in rs for run in result["runs"].values()}))
     overrides = ", ".join(f"`{pair}`" for pair in args.set_param)
     body = "\n".join([
         "## Every synthesis method side by side (`benchmarks/methods.py`)",

@@ -1,11 +1,15 @@
-"""The benchmark scripts' verdicts on the issues' bars: a figure exactly on a bar meets it."""
+"""The benchmark scripts' verdicts on the issues' bars (a figure exactly on a bar meets it), and
+methods.py's rerun of some methods into recorded seeds."""
+
+import pytest
 
 from benchmarks import fashion_mnist, methods
 
 
-def method_run(teacher: float, student: float) -> dict:
+def method_run(teacher: float, student: float, stage_seconds: float = 400.0) -> dict:
     return {"teacher": teacher, "student": student, "gap": teacher - student, "synthesis_seconds": 100.0,
-            "distillation_seconds": 150.0, "at_budget": {"student": student, "seconds": 250.0}}
+            "distillation_seconds": 150.0, "stage_seconds": stage_seconds,
+            "at_budget": {"student": student, "seconds": 250.0}}
 
 
 def test_a_gap_exactly_on_issue_17s_bar_meets_it():
@@ -28,3 +32,25 @@ def test_a_margin_exactly_on_issue_16s_bar_meets_it():
 
     assert "met by all 2 students measured (smallest margin 10.00 pt" in verdict
     assert "not met" not in verdict
+
+
+def test_a_rerun_replaces_its_methods_and_keeps_the_others_with_their_date():
+    recorded = {"seed": 1, "benchmark_seconds": 1300.0, "date": "2026-12-06", "machine": "this one",
+                "runs": {"dafl": method_run(0.968, 0.958), "zskd": method_run(0.968, 0.940), "dfad": method_run(0.968, 0.930)}}
+    rerun = {"seed": 1, "benchmark_seconds": 500.0, "runs": {"zskd": method_run(0.968, 0.962, stage_seconds=460.0)}}
+
+    merged = methods.rerun_into(recorded, rerun)
+
+    assert list(merged["runs"]) == ["dafl", "zskd", "dfad"]
+    assert merged["runs"]["zskd"]["student"] == 0.962 and "date" not in merged["runs"]["zskd"]  # dated with the record
+    assert merged["runs"]["dafl"] == {**recorded["runs"]["dafl"], "date": "2026-12-06"}
+    assert merged["benchmark_seconds"] == 1360.0  # the teacher's 100 s and DAFL's and DFAD's as recorded
+    assert methods.whole_seconds(merged) == 1360.0 + 3 * 250.0
+
+
+def test_a_rerun_on_another_teacher_is_refused(capsys):
+    recorded = {"seed": 0, "benchmark_seconds": 900.0, "date": "2026-12-06", "machine": "this one",
+                "runs": {"zskd": method_run(0.968, 0.940)}}
+    with pytest.raises(SystemExit):
+        methods.rerun_into(recorded, {"seed": 0, "runs": {"zskd": method_run(0.970, 0.962)}})
+    assert "the teacher scored 97.00% in the rerun of zskd and 96.80% when recorded" in capsys.readouterr().err
