@@ -284,10 +284,8 @@ def main() -> None:
                          f"{setting} measured on it: run that seed of every method first")
 
     def run(seed: int, setting: str) -> dict:
-        if not args.methods:
-            return run_setting(seed, setting, overrides_of(setting, extra), args.budget, ALL_METHODS)
-        rerun = run_setting(seed, setting, overrides_of(setting, extra), args.budget, args.methods)
-        return rerun_into(recorded["results"][setting][str(seed)], rerun)
+        runs = run_setting(seed, setting, overrides_of(setting, extra), args.budget, args.methods or ALL_METHODS)
+        return rerun_into(recorded["results"][setting][str(seed)], runs) if args.methods else runs
 
     measured = measure(recorded, args.seeds, args.settings, run, args.results)
     results = {setting: measured[setting] for setting in SETTINGS if setting in measured}

@@ -41,8 +41,8 @@ from dfkd.synthesis import FixedImages, TransferSet
 from dfkd.synthesis.dafl import (
     DAFLConfig,
     GeneratorTransferSet,
-    batch_norm_layers,
     dafl_losses,
+    layers_to_match,
     train_generator,
     weighted_total,
 )
@@ -116,7 +116,7 @@ def synthesize(
     """Train one DAFL generator against all `teachers` (frozen, eval mode; teacher i predicts `groups[i]`)."""
     teachers = [on_device(teacher, device) for teacher in teachers]
     union = LabelUnion(groups).to(device)
-    layers = [batch_norm_layers(teacher, config) for teacher in teachers]
+    layers = [layers_to_match(teacher, config) for teacher in teachers]
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses = generator_losses(teachers, union, images, layers)

@@ -4,7 +4,7 @@ norm only, and lowered by the generator's training."""
 import torch
 
 from dfkd.synthesis.batch_norm import batch_norm_loss
-from dfkd.synthesis.dafl import DAFLConfig, batch_norm_layers, dafl_losses, synthesize, weighted_total
+from dfkd.synthesis.dafl import DAFLConfig, dafl_losses, layers_to_match, synthesize, weighted_total
 from dfkd.teacher import Teacher
 from dfkd.zoo import ModelConfig, build_model
 
@@ -13,7 +13,7 @@ from test_deepinversion import CPU, SPEC, resnet_teacher
 
 def test_the_batch_norm_term_comes_from_the_same_teacher_pass_as_dafls_terms():
     teacher = resnet_teacher()
-    layers = batch_norm_layers(teacher, DAFLConfig())
+    layers = layers_to_match(teacher, DAFLConfig())
     assert layers == teacher.batch_norm_layer_names() and layers
     images = torch.randn(16, *SPEC.shape)
     passes = []
@@ -35,8 +35,8 @@ def test_the_batch_norm_term_comes_from_the_same_teacher_pass_as_dafls_terms():
 def test_a_teacher_without_batch_norm_or_a_zero_weight_leaves_dafl_as_published():
     lenet = Teacher(build_model(ModelConfig(architecture="lenet5"), 1, 32, 10).eval(), SPEC.model_copy(
         update={"size": 32, "class_names": tuple("0123456789")}))
-    assert batch_norm_layers(lenet, DAFLConfig()) == []
-    assert batch_norm_layers(resnet_teacher(), DAFLConfig(batch_norm_weight=0)) == []
+    assert layers_to_match(lenet, DAFLConfig()) == []
+    assert layers_to_match(resnet_teacher(), DAFLConfig(batch_norm_weight=0)) == []
     logged = []
     config = DAFLConfig(steps=2, batch_size=8, latent_dim=8, generator_width=4)
     synthesize(lenet, config, CPU, on_step=lambda step, values: logged.append(values))

@@ -21,8 +21,8 @@ from dfkd.distributed import average_losses, data_parallel, share
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.models import Generator
 from dfkd.plots import save_class_grid
-from dfkd.synthesis.batch_norm import moments_of, total_distance
 from dfkd.runtime import autocast, check_finite, grad_scaler, on_device
+from dfkd.synthesis.batch_norm import moments_of, total_distance
 from dfkd.teacher import Teacher
 
 
@@ -94,24 +94,24 @@ def save_figures(transfer_set: GeneratorTransferSet, directory: Path, rows: int 
 
 
 def dafl_losses(
-    teacher: Teacher, images: torch.Tensor, batch_norm_layers: list[str] | None = None
+    teacher: Teacher, images: torch.Tensor, matched_layers: list[str] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The teacher's logits on `images` and DAFL's three loss terms (unweighted), with the batch-norm
-    term over `batch_norm_layers` where they name any: all from one forward pass."""
-    with teacher.capture(batch_norm_layers or [], inputs=True) as received:
+    term over the batch-norm `matched_layers` where they name any: all from one forward pass."""
+    with teacher.capture(matched_layers or [], inputs=True) as received:
         logits, features = teacher.forward_with_features(images)
     losses = {
         "one_hot": one_hot_loss(logits),
         "activation": activation_loss(features),
         "entropy": information_entropy_loss(logits),
     }
-    if batch_norm_layers:
+    if matched_layers:
         # Over the whole batch when several processes hold shares of it, as the entropy term is.
         losses["batch_norm"] = total_distance(teacher, moments_of(received, over_ranks=True))
     return logits, losses
 
 
-def batch_norm_layers(teacher: Teacher, config: DAFLConfig) -> list[str]:
+def layers_to_match(teacher: Teacher, config: DAFLConfig) -> list[str]:
     """The layers whose statistics the generator is to match: none without batch norm or weight."""
     return teacher.batch_norm_layer_names() if config.batch_norm_weight else []
 
@@ -176,7 +176,7 @@ def synthesize(
 ) -> GeneratorTransferSet:
     """Train DAFL's generator against `teacher` (frozen, eval mode); its samples are the transfer set."""
     teacher = on_device(teacher, device)
-    layers = batch_norm_layers(teacher, config)
+    layers = layers_to_match(teacher, config)
 
     def generator_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _, losses = dafl_losses(teacher, images, layers)
