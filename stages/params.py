@@ -106,7 +106,7 @@ class DistillParams(DistillSchedule):
     # at T=1 without augmentation, ZSKD's paper at T=20.
     dafl: TransferRecipe = TransferRecipe(steps=3000, temperature=4.0, augment_shift=2.0, pool_size=98304)
     zskd: TransferRecipe = TransferRecipe(
-        steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
+        steps=12000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15
     )
     deepinversion: TransferRecipe = TransferRecipe(
         steps=6000, temperature=20.0, augment_shift=2.0, augment_rotation=15.0, augment_scale=0.15

@@ -48,7 +48,7 @@ MIN_CONCENTRATION = 1e-3
 class ZSKDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    impressions: int = Field(4000, gt=0)  # shared evenly by classes and scales (the paper: 24,000 for MNIST)
+    impressions: int = Field(8000, gt=0)  # shared evenly by classes and scales (the paper: 24,000 for MNIST)
     batch_size: int = Field(1000, gt=0)  # impressions optimised together (the reference: 100), each on its own
     # but for the batch statistics of the batch-norm prior
     steps: int = Field(200, gt=0)  # Adam steps per batch (the reference code: 1,500)
