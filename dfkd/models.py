@@ -43,7 +43,8 @@ class Generator(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = self.project(latent).view(-1, self.width, self.base_size, self.base_size)
-        return self.upsample(self.project_norm(x))
+        # Channels-last convolutions draw a batch of 256 about 3x faster on a CPU (BENCHMARKS.md).
+        return self.upsample(self.project_norm(x.contiguous(memory_format=torch.channels_last)))
 
 
 class LabelUnion(nn.Module):
