@@ -62,14 +62,15 @@ def tracking_uri() -> str:
 
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking store and experiment; return the experiment id."""
+    # The project's store keeps artifacts beside it; a shared one (a server) decides itself where.
+    # Asked before set_tracking_uri, which exports MLFLOW_TRACKING_URI.
+    own_store = not os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found:
         experiment_id = found.experiment_id
     else:
-        # The project's store keeps artifacts beside it; a shared one (a server) decides itself where.
-        own_store = not os.environ.get("MLFLOW_TRACKING_URI")
         try:
             experiment_id = mlflow.create_experiment(
                 experiment, artifact_location=(ROOT / "mlartifacts").as_uri() if own_store else None

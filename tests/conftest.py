@@ -72,14 +72,17 @@ def set_params(project: Path, update: dict) -> None:
 
 
 def copy_project(destination: Path, params_update: dict) -> Path:
-    """The project's files (tracked or not yet, never ignored ones) in a fresh git repository."""
+    """The project's files (tracked or not yet, never ignored ones) in a fresh git repository, as
+    before any run: without the dvc.lock and the .gitignore files beside outputs that a `make run`
+    has DVC write and stage."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=PROJECT, capture_output=True, text=True, check=True,
     ).stdout.split()
+    written_by_runs = {"dvc.lock"} | {name for name in listed if name.endswith("/.gitignore") and name != ".dvc/.gitignore"}
     for name in listed:
         source = PROJECT / name
-        if source.is_file():
+        if source.is_file() and name not in written_by_runs:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     set_params(destination, params_update)

@@ -38,6 +38,12 @@ def test_flow_runs_every_stage_as_a_task_and_publishes_the_summary(tiny_project)
     assert parent.data.metrics["promoted"] == 0 and "below promote.min_accuracy" in parent.data.tags["promotion"]
     candidate = client.get_model_version_by_alias("dfkd-student", "candidate")
     assert candidate.tags["dfkd.gate"] == "failed" and "champion" not in client.get_registered_model("dfkd-student").aliases
+
+    # What the runs wrote is ignored by git (artifacts beside the store) or staged by DVC: `git status`
+    # shows nothing new to puzzle over.
+    assert experiment.artifact_location == (tiny_project / "mlartifacts").as_uri()
+    status = run(["git", "status", "--porcelain", "--untracked-files=all"], tiny_project).stdout.splitlines()
+    assert [line for line in status if line.startswith("??")] == []
     children = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

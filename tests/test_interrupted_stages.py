@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, wait_for
+from conftest import BIN, TINY_PARAMS, copy_project, environment, merge, run, set_params, wait_for
 from dfkd.classifier import load_classifier
 from stages.tracking import INVOCATION_TAG, STAGE_TAG
 
@@ -147,7 +147,13 @@ def test_killed_runs_end_as_killed(project):
 
 
 def test_ctrl_c_ends_a_stage_with_one_line_and_keeps_its_resume_state(project):
-    interrupted = kill_distill_at_first_save(project, BY_HAND_DISTILL, signal_number=signal.SIGINT)
+    # Thousands of steps still to go at the first save, so the Ctrl-C always lands mid-training.
+    params = (project / "params.yaml").read_text()
+    set_params(project, {"distill": {"dafl": {"steps": 5000}}})
+    try:
+        interrupted = kill_distill_at_first_save(project, BY_HAND_DISTILL, signal_number=signal.SIGINT)
+    finally:
+        (project / "params.yaml").write_text(params)
     assert interrupted.returncode == 130 and "Traceback" not in interrupted.stderr
     assert interrupted.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
     assert (project / ".resume/distill.pt").exists()
