@@ -42,10 +42,16 @@ def kill_distill_at_first_save(
     its resume state: the whole process group, or the first process alone (a dvc process killed in a
     terminal); return how it ended."""
     (project / ".resume/distill.pt").unlink(missing_ok=True)
-    process = subprocess.Popen(
-        command, cwd=project, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )
+    # A test run started in the background by a script ignores SIGINT, and its children would inherit
+    # that: the stage is started as from a terminal, where Ctrl-C reaches it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            command, cwd=project, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     wait_for(lambda: (project / ".resume/distill.pt").exists() or process.poll() is not None)
     assert process.poll() is None, "distill ended before its first resume state"
     (os.killpg if whole_group else os.kill)(process.pid, signal_number)
