@@ -14,13 +14,17 @@ distillation would take `--budget` seconds; its accuracy at that budget is repor
 the run really took (fixed costs such as process start do not scale). Prints a table per setting
 (mean ± sample standard deviation over the seeds), the verdict on each of issue 17's bars, and
 writes both to BENCHMARKS.md with a plot, BENCHMARKS-methods.png. A seed of every setting takes
-hours on 2 cores: `--results` keeps every (setting, seed) measured so far, and `--methods` reruns
-some methods of recorded seeds (after a change to them), keeping the others' runs: on the same
-machine the teacher of a seed is the same, which the rerun checks.
+hours on 2 cores: `--results` keeps every (setting, seed) measured so far, and `--methods` runs
+some methods only: on a recorded seed it adds or replaces their runs (after a change to them) and
+keeps the others', on the same machine's teacher of that seed, which it checks; on a new seed it
+records those methods alone, and the others can be added later. A table lists the methods measured
+on every seed of its setting.
 
     python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0
     python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0 1 2 \\
         --methods zskd                                                            # ZSKD again, the rest kept
+    python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_resnet8 --seeds 0 \
+        --methods dafl deepinversion fast_dfkd                                    # part of a seed
     python benchmarks/methods.py --results benchmarks/results/methods.json --seeds   # tables only
     python benchmarks/methods.py --settings mnist_resnet8 --seeds 0 --no-write --budget 20 \\
         -S train_teacher.epochs=1 -S distill.batch_size=32 ...                      # a smoke test
@@ -122,18 +126,25 @@ def run_setting(seed: int, setting: str, overrides: dict, budget: float, methods
 
 
 def rerun_into(recorded: dict, rerun: dict) -> dict:
-    """A recorded (setting, seed) with some methods' runs replaced by `rerun`'s, of the same seed:
-    the others keep their runs and the date they were measured on. The stages' seconds add up as if
-    the whole setting had run once, with the teacher's stages as recorded."""
+    """A recorded (setting, seed) with `rerun`'s methods, of the same seed, added or in place of their
+    recorded runs: the others keep their runs and the date they were measured on. The stages' seconds
+    add up as if the setting's methods had run once, with the teacher's stages as recorded."""
+    teacher = next(iter(recorded["runs"].values()))["teacher"]  # one teacher a seed, whichever method's run
     for method, run in rerun["runs"].items():
-        if without_float_noise(run["teacher"]) != without_float_noise(recorded["runs"][method]["teacher"]):
+        if without_float_noise(run["teacher"]) != without_float_noise(teacher):
             fail(f"seed {recorded['seed']}: the teacher scored {run['teacher']:.2%} in the rerun of {method} and "
-                 f"{recorded['runs'][method]['teacher']:.2%} when recorded: another teacher; nothing merged")
+                 f"{teacher:.2%} when recorded: another teacher; nothing merged")
     runs = {method: {"date": recorded["date"], **run} for method, run in recorded["runs"].items()}
-    runs.update(rerun["runs"])  # dated by measure(), with the whole record
     seconds = recorded["benchmark_seconds"] + sum(
-        run["stage_seconds"] - recorded["runs"][method]["stage_seconds"] for method, run in rerun["runs"].items())
+        run["stage_seconds"] - runs.get(method, {"stage_seconds": 0.0})["stage_seconds"]
+        for method, run in rerun["runs"].items())
+    runs.update(rerun["runs"])  # dated by measure(), with the whole record
     return {"seed": recorded["seed"], "benchmark_seconds": seconds, "runs": runs}
+
+
+def measured_methods(setting: str, results: list[dict]) -> list[str]:
+    """The setting's methods measured on every one of its seeds, in the setting's order."""
+    return [method for method in SETTINGS[setting]["methods"] if all(method in result["runs"] for result in results)]
 
 
 def setting_table(setting: str, results: list[dict], budget: float) -> str:
@@ -147,7 +158,8 @@ def setting_table(setting: str, results: list[dict], budget: float) -> str:
         f"| student at {budget:.0f} s | took |",
         "|---|" + "---:|" * 9,
     ]
-    for method in SETTINGS[setting]["methods"]:
+    methods = measured_methods(setting, results)
+    for method in methods:
         runs = [result["runs"][method] for result in results]
         lines.append(
             f"| {NAMES[method]} | {spread([run['student'] for run in runs])} "
@@ -162,6 +174,9 @@ def setting_table(setting: str, results: list[dict], budget: float) -> str:
     seeds = ", ".join(str(result["seed"]) for result in results)
     whole = spread([whole_seconds(result) for result in results], " s")
     lines += ["", f"Seeds {seeds}; every stage of the setting, the budget runs included, took {whole} a seed."]
+    missing = [NAMES[method] for method in SETTINGS[setting]["methods"] if method not in methods]
+    if missing:
+        lines.append(f"Not measured on every seed yet, so not in the table: {', '.join(missing)}.")
     return "\n".join(lines)
 
 
@@ -181,7 +196,7 @@ def verdicts(results: dict[str, list[dict]]) -> str:
         if setting not in results:
             lines.append(f"- {SETTINGS[setting]['title']}: not measured yet.")
             continue
-        rs, methods = results[setting], SETTINGS[setting]["methods"]
+        rs, methods = results[setting], measured_methods(setting, results[setting])
         top = min(methods, key=lambda method: mean_of(rs, method, lambda run: run["gap"]))
         gap = without_float_noise(mean_of(rs, top, lambda run: run["gap"]))
         seconds = mean_of(rs, top, lambda run: run["synthesis_seconds"] + run["distillation_seconds"])
@@ -190,7 +205,7 @@ def verdicts(results: dict[str, list[dict]]) -> str:
                      f"teacher in {seconds:.0f} s (bar: {MAX_GAP_MNIST * 100:.1f} pt in {MAX_SECONDS_MNIST} s): "
                      f"{verdict(met, len(rs))}.")
     if "fashion_resnet8" in results:
-        rs, methods = results["fashion_resnet8"], SETTINGS["fashion_resnet8"]["methods"]
+        rs, methods = results["fashion_resnet8"], measured_methods("fashion_resnet8", results["fashion_resnet8"])
         top = max(methods, key=lambda method: mean_of(rs, method, lambda run: run["student"] / run["teacher"]))
         ratio = without_float_noise(mean_of(rs, top, lambda run: run["student"] / run["teacher"]))
         seconds = statistics.mean(whole_seconds(result) for result in rs)
@@ -200,23 +215,31 @@ def verdicts(results: dict[str, list[dict]]) -> str:
                      f"{MAX_SECONDS_FASHION // 60} min): {verdict(met, len(rs))}.")
     else:
         lines.append("- Full Fashion-MNIST: not measured yet.")
-    wins = set()
+    wins, compared = set(), set()
     for setting, rs in results.items():
-        methods = SETTINGS[setting]["methods"]
+        methods = measured_methods(setting, rs)
         at_budget = {method: mean_of(rs, method, lambda run: run["at_budget"]["student"]) for method in methods}
-        new = max((m for m in methods if m in NEW_METHODS), key=at_budget.get)
-        old = max((m for m in methods if m not in NEW_METHODS), key=at_budget.get)
+        new = max((m for m in methods if m in NEW_METHODS), key=at_budget.get, default=None)
+        old = max((m for m in methods if m not in NEW_METHODS), key=at_budget.get, default=None)
+        if new is None or old is None:
+            lines.append(f"- At equal CPU time on {setting}: not compared yet (a new method and DAFL or ZSKD on every seed).")
+            continue
+        compared.add(setting)
         if at_budget[new] > at_budget[old]:
             wins.add(setting)
-        lines.append(f"- At equal CPU time on {setting}: best new method {NAMES[new]} {at_budget[new]:.2%}, best of DAFL "
-                     f"and ZSKD {NAMES[old]} {at_budget[old]:.2%}.")
-    # Settled once two settings measured on every seed the bar asks agree: more seeds or settings cannot change it.
-    settled = {setting for setting, rs in results.items() if len(rs) >= BAR_SEEDS}
+        # Partial where some of the setting's methods are not measured yet: a best of the rest could differ.
+        partial = "" if len(methods) == len(SETTINGS[setting]["methods"]) else " (of the methods measured)"
+        lines.append(f"- At equal CPU time on {setting}{partial}: best new method {NAMES[new]} {at_budget[new]:.2%}, "
+                     f"best of DAFL and ZSKD {NAMES[old]} {at_budget[old]:.2%}.")
+    # Settled once two settings measured on every seed the bar asks, every method of them, agree: more
+    # seeds or settings cannot change it.
+    settled = {setting for setting in compared if len(results[setting]) >= BAR_SEEDS
+               and len(measured_methods(setting, results[setting])) == len(SETTINGS[setting]["methods"])}
     if len(wins & settled) >= 2 or len(settled - wins) >= 2:
         outcome = verdict(len(wins & settled) >= 2, BAR_SEEDS)
     else:
         outcome = f"{'met' if len(wins) >= 2 else 'not met'} on what is measured so far: **not settled**"
-    lines.append(f"- The new methods beat DAFL and ZSKD at equal CPU time on {len(wins)} of the {len(results)} settings "
+    lines.append(f"- The new methods beat DAFL and ZSKD at equal CPU time on {len(wins)} of the {len(compared)} settings "
                  f"measured, {len(settled)} of them on {BAR_SEEDS} seeds (bar: at least two of the three): {outcome}.")
     return "\n".join(lines)
 
@@ -225,7 +248,7 @@ def save_plot(results: dict[str, list[dict]]) -> None:
     """Student accuracy per method, full length and at the budget, a panel per setting."""
     figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for axis, (setting, rs) in zip(axes[0], results.items()):
-        methods = SETTINGS[setting]["methods"]
+        methods = measured_methods(setting, rs)
         for offset, (name, figure_of) in enumerate((("full length", lambda run: run["student"]),
                                                     ("at equal CPU time", lambda run: run["at_budget"]["student"]))):
             values = [[figure_of(result["runs"][method]) * 100 for result in rs] for method in methods]
@@ -254,7 +277,7 @@ def main() -> None:
                         help="override a param of every run, as `dvc exp run -S` does (repeatable)")
     parser.add_argument("--results", type=Path, help="JSON file keeping every setting and seed measured so far")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS,
-                        help="rerun only these methods of the settings' recorded seeds, keeping the other methods' runs")
+                        help="run only these methods: on a recorded seed, in place of or beside its other methods' runs")
     parser.add_argument("--no-write", action="store_true", help="print the tables only: no BENCHMARKS.md, no plot")
     args = parser.parse_args()
     if "fashion_resnet8" in args.settings and args.seeds and not DATA.is_dir():
@@ -271,21 +294,20 @@ def main() -> None:
     if recorded and (recorded["budget"], recorded["overrides"]) != (args.budget, args.set_param):
         fail(f"{args.results} holds results of another budget or overrides: pass another --results file")
     recorded = {"budget": args.budget, "overrides": args.set_param, "results": recorded.get("results", {})}
-    if args.methods:  # a rerun: refused before any work where there is nothing of this machine's to merge into
-        if not args.results:
-            fail("--methods reruns methods of recorded seeds: pass the --results file that holds them")
+    if args.methods:  # refused before any work where the seed's record is of another machine's teacher
         for setting in args.settings:
             if not set(args.methods) & set(SETTINGS[setting]["methods"]):
                 fail(f"{setting} runs {', '.join(SETTINGS[setting]['methods'])}: none of --methods")
             for seed in args.seeds:
                 old = recorded["results"].get(setting, {}).get(str(seed))
-                if old is None or old["machine"] != machine():
-                    fail(f"--methods reruns seeds recorded on this machine, and {args.results} has no seed {seed} of "
-                         f"{setting} measured on it: run that seed of every method first")
+                if old is not None and old["machine"] != machine():
+                    fail(f"seed {seed} of {setting} in {args.results} was measured on {old['machine']}: --methods adds "
+                         "to seeds of this machine's teachers; rerun that seed of every method here")
 
     def run(seed: int, setting: str) -> dict:
         runs = run_setting(seed, setting, overrides_of(setting, extra), args.budget, args.methods or ALL_METHODS)
-        return rerun_into(recorded["results"][setting][str(seed)], runs) if args.methods else runs
+        old = recorded["results"].get(setting, {}).get(str(seed))
+        return rerun_into(old, runs) if args.methods and old is not None else runs
 
     measured = measure(recorded, args.seeds, args.settings, run, args.results)
     results = {setting: measured[setting] for setting in SETTINGS if setting in measured}

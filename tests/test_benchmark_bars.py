@@ -7,7 +7,8 @@ from benchmarks import fashion_mnist, methods
 
 
 def method_run(teacher: float, student: float, stage_seconds: float = 400.0) -> dict:
-    return {"teacher": teacher, "student": student, "gap": teacher - student, "synthesis_seconds": 100.0,
+    return {"teacher": teacher, "student": student, "gap": teacher - student, "floor": 0.3, "ceiling": teacher,
+            "synthesis_seconds": 100.0,
             "distillation_seconds": 150.0, "stage_seconds": stage_seconds,
             "at_budget": {"student": student, "seconds": 250.0}}
 
@@ -54,3 +55,34 @@ def test_a_rerun_on_another_teacher_is_refused(capsys):
     with pytest.raises(SystemExit):
         methods.rerun_into(recorded, {"seed": 0, "runs": {"zskd": method_run(0.970, 0.962)}})
     assert "the teacher scored 97.00% in the rerun of zskd and 96.80% when recorded" in capsys.readouterr().err
+
+
+def test_a_method_added_to_a_recorded_seed_joins_it_with_its_own_seconds():
+    recorded = {"seed": 0, "benchmark_seconds": 900.0, "date": "2026-12-06", "machine": "this one",
+                "runs": {"dafl": method_run(0.968, 0.958)}}
+    added = {"seed": 0, "benchmark_seconds": 600.0, "runs": {"fast_dfkd": method_run(0.968, 0.900, stage_seconds=500.0)}}
+
+    merged = methods.rerun_into(recorded, added)
+
+    assert list(merged["runs"]) == ["dafl", "fast_dfkd"]
+    assert merged["benchmark_seconds"] == 1400.0
+
+
+def test_a_setting_measured_in_part_lists_what_was_measured_and_compares_only_what_can_be():
+    part = [{"seed": 0, "benchmark_seconds": 900.0, "runs": {"dafl": method_run(0.96, 0.80)}}]
+    results = {"mnist_resnet8": part}
+
+    table = methods.setting_table("mnist_resnet8", part, 300)
+    lines = methods.verdicts(results).splitlines()
+
+    assert "| DAFL |" in table and "| ZSKD |" not in table
+    assert "Not measured on every seed yet, so not in the table: ZSKD, DeepInversion, DFAD, Fast-DFKD." in table
+    assert "- At equal CPU time on mnist_resnet8: not compared yet (a new method and DAFL or ZSKD on every seed)." in lines
+    assert lines[-1].startswith("- The new methods beat DAFL and ZSKD at equal CPU time on 0 of the 0 settings measured")
+
+    part[0]["runs"]["fast_dfkd"] = method_run(0.96, 0.85)
+    lines = methods.verdicts(results).splitlines()
+
+    assert ("- At equal CPU time on mnist_resnet8 (of the methods measured): best new method Fast-DFKD 85.00%, "
+            "best of DAFL and ZSKD DAFL 80.00%.") in lines
+    assert "on 1 of the 1 settings measured, 0 of them on 3 seeds" in lines[-1] and "**not settled**" in lines[-1]
