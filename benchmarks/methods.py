@@ -23,7 +23,7 @@ on every seed of its setting.
     python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0
     python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_lenet5 --seeds 0 1 2 \\
         --methods zskd                                                            # ZSKD again, the rest kept
-    python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_resnet8 --seeds 0 \
+    python benchmarks/methods.py --results benchmarks/results/methods.json --settings mnist_resnet8 --seeds 0 \\
         --methods dafl deepinversion fast_dfkd                                    # part of a seed
     python benchmarks/methods.py --results benchmarks/results/methods.json --seeds   # tables only
     python benchmarks/methods.py --settings mnist_resnet8 --seeds 0 --no-write --budget 20 \\
