@@ -173,7 +173,7 @@ def setting_table(setting: str, results: list[dict], budget: float) -> str:
         )
     seeds = ", ".join(str(result["seed"]) for result in results)
     whole = spread([whole_seconds(result) for result in results], " s")
-    lines += ["", f"Seeds {seeds}; every stage of the setting, the budget runs included, took {whole} a seed."]
+    lines += ["", f"{'Seeds' if len(results) > 1 else 'Seed'} {seeds}; every stage of the setting, the budget runs included, took {whole} a seed."]
     missing = [NAMES[method] for method in SETTINGS[setting]["methods"] if method not in methods]
     if missing:
         lines.append(f"Not measured on every seed yet, so not in the table: {', '.join(missing)}.")
