@@ -261,7 +261,9 @@ def save_plot(results: dict[str, list[dict]]) -> None:
         axis.set_ylim(0, 100)
         axis.set_ylabel("test accuracy (%)")
         axis.set_title(SETTINGS[setting]["title"], fontsize="medium")
-    axes[0][0].legend(loc="upper right", fontsize="small")
+    # Below the panels: inside, it would hide the bars of whichever method sits under it.
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=3, fontsize="small",
+                  bbox_to_anchor=(0.5, -0.06))
     figure.savefig(PLOT, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
