@@ -312,7 +312,9 @@ def main() -> None:
         return rerun_into(old, runs) if args.methods and old is not None else runs
 
     measured = measure(recorded, args.seeds, args.settings, run, args.results)
-    results = {setting: measured[setting] for setting in SETTINGS if setting in measured}
+    # A setting whose seeds share no measured method (each seed run with other --methods) has no table yet.
+    results = {setting: measured[setting] for setting in SETTINGS
+               if setting in measured and measured_methods(setting, measured[setting])}
     if not results:
         fail("no seeds to run and no results recorded: pass --seeds, or --results with a file of measured seeds")
 
